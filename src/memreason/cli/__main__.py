@@ -1,0 +1,5 @@
+import sys
+
+from memreason.cli import main
+
+sys.exit(main())
