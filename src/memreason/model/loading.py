@@ -157,6 +157,26 @@ def resolve_checkpoint(name_or_path: str | os.PathLike | None) -> str:
     return name
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub's host resolves. Without this check, an offline machine spends ~50 s in
+    huggingface_hub's retry loop before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def load(name_or_path: str | os.PathLike | None = None, *, dtype="auto", device: str | None = "auto",
          attn_implementation: str | None = None):
     """Load a causal LM and its tokenizer.
@@ -184,10 +204,12 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype="auto", device:
     torch_dtype = resolve_dtype(dtype, device)
     checkpoint = resolve_checkpoint(name_or_path)
     kwargs = {"dtype": torch_dtype}
+    if not Path(checkpoint).exists() and not hub_reachable():
+        kwargs["local_files_only"] = True  # use the HF cache if the model is there, fail fast if not
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=kwargs.get("local_files_only", False))
         model = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=device, **kwargs)
     except OSError as exc:
         if Path(checkpoint).exists():
