@@ -16,6 +16,10 @@ from typing import Any, Mapping
 MEMORY = "memory"
 REASON = "reason"
 KINDS = (MEMORY, REASON)
+# A step whose kind is not known: plain chain-of-thought output, or a model output without a kind marker.
+# It is never produced from a data file (unknown tags there are errors).
+UNLABELLED = "step"
+STEP_KINDS = KINDS + (UNLABELLED,)
 
 # Every accepted spelling (compared lower-cased, whitespace collapsed) → canonical kind.
 TAG_TABLE: Mapping[str, str] = {
@@ -61,8 +65,9 @@ class Step:
     """One step of a trace.
 
     Args:
-        kind (str): ``"memory"`` (recall a fact) or ``"reason"`` (derive something). Aliases are not
-            accepted here; pass tags through ``normalise_kind`` first.
+        kind (str): ``"memory"`` (recall a fact), ``"reason"`` (derive something), or ``"step"`` for a
+            step whose kind is unknown (model output without a kind marker). Aliases are not accepted
+            here; pass tags through ``normalise_kind`` first.
         text (str): the step's content, without any tag or marker.
     """
 
@@ -70,8 +75,8 @@ class Step:
     text: str
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"Step.kind must be one of {KINDS}, got {self.kind!r} (use normalise_kind for tags)")
+        if self.kind not in STEP_KINDS:
+            raise ValueError(f"Step.kind must be one of {STEP_KINDS}, got {self.kind!r} (use normalise_kind for tags)")
         if not isinstance(self.text, str):
             raise TypeError(f"Step.text must be a str, got {type(self.text).__name__}")
 
@@ -112,7 +117,8 @@ class Trace:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Trace":
-        steps = tuple(Step(normalise_kind(s["kind"]), s["text"]) for s in data.get("steps") or ())
+        steps = tuple(Step(s["kind"] if s["kind"] == UNLABELLED else normalise_kind(s["kind"]), s["text"])
+                      for s in data.get("steps") or ())
         return cls(question=data["question"], steps=steps, answer=data.get("answer"), meta=dict(data.get("meta") or {}))
 
 
