@@ -1,0 +1,141 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from memreason.errors import ConfigError, DataError
+from memreason.evaluate import EvalSettings, evaluate, read_results, score_row, summarise
+from memreason.tasks import get_task
+from memreason.traces import Trace
+
+TASK = get_task("strategyqa")
+
+
+def _settings(**changes):
+    base = dict(model="tiny", task="strategyqa", source="test", split="test", prompt_style="plain",
+                scheme={"style": "plain"}, max_new_tokens=6)
+    return EvalSettings(**{**base, **changes})
+
+
+def _traces(n):
+    return [Trace(f"Is thing {i} true?", (), "True" if i % 2 else "False", {"id": f"q{i}"}) for i in range(n)]
+
+
+@pytest.mark.parametrize("text,predicted,outcome", [
+    ("<memory> Ice floats.\n<reason> So yes.\n<answer> The answer is: True", "True", "correct"),
+    ("The answer is: false", "False", "wrong"),
+    ("I think it is True", None, "unparseable"),          # no marker: no lenient fallback
+    ("The answer is: Truthfully", None, "unparseable"),
+])
+def test_score_row_uses_the_task_registry_strictly(text, predicted, outcome):
+    row = score_row(Trace("q?", (), "True", {"id": "a"}), [text], [5], TASK, _settings())
+    assert (row["predicted"], row["outcome"]) == (predicted, outcome)
+
+
+def test_score_row_parses_steps_and_counts_markers():
+    text = "<memory> Ice is less dense than water.\n<reason> Less dense floats.\n<answer> The answer is: True"
+    row = score_row(Trace("q?", (), "True", {"id": "a"}), [text], [17], TASK, _settings())
+    assert row["steps"] == [{"kind": "memory", "text": "Ice is less dense than water."},
+                            {"kind": "reason", "text": "Less dense floats."}]
+    assert (row["n_memory"], row["n_reason"], row["marker_tokens"]) == (1, 1, 3)
+
+
+def test_majority_vote_over_samples():
+    texts = ["The answer is: False", "The answer is: True", "junk", "The answer is: True"]
+    row = score_row(Trace("q?", (), "True", {"id": "a"}), texts, [1, 1, 1, 1], TASK, _settings(samples=4))
+    assert row["predicted"] == "True" and row["outcome"] == "correct" and len(row["samples"]) == 4
+
+
+def test_summary_has_n_ci_and_unparseable():
+    rows = [score_row(Trace("q", (), "True", {"id": str(i)}), [t], [3], TASK, _settings())
+            for i, t in enumerate(["The answer is: True", "The answer is: False", "nothing", "The answer is: True"])]
+    summary = summarise(rows, _settings())
+    assert (summary["n"], summary["correct"], summary["wrong"], summary["unparseable"]) == (4, 2, 1, 1)
+    low, high = summary["ci95"]
+    assert low < 0.5 < high and summary["seed"] == 0
+
+
+def test_torn_last_line_is_dropped_and_earlier_corruption_is_an_error(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "que')
+    assert [r["id"] for r in read_results(path)] == ["a", "b"]
+    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    path.write_text('{"id": "a"}\n{broken\n{"id": "c"}\n')
+    with pytest.raises(DataError, match="corrupt line 2"):
+        read_results(path)
+
+
+def test_evaluate_resumes_without_duplicates_and_refuses_other_settings(tmp_path, tiny_model, tiny_tokenizer):
+    traces = _traces(5)
+    evaluate(tiny_model, tiny_tokenizer, traces[:3], TASK, _settings(), tmp_path, batch_size=2)
+    summary = evaluate(tiny_model, tiny_tokenizer, traces, TASK, _settings(), tmp_path, batch_size=2)
+    ids = [r["id"] for r in read_results(tmp_path / "results.jsonl")]
+    assert sorted(ids) == [f"q{i}" for i in range(5)] and summary["n"] == 5
+    with pytest.raises(ConfigError, match="different settings"):
+        evaluate(tiny_model, tiny_tokenizer, traces, TASK, _settings(seed=1), tmp_path)
+    again = evaluate(tiny_model, tiny_tokenizer, traces, TASK, _settings(seed=1), tmp_path, overwrite=True)
+    assert again["n"] == 5
+
+
+def test_evaluate_rejects_duplicate_ids(tmp_path, tiny_model, tiny_tokenizer):
+    traces = _traces(2) + _traces(1)
+    with pytest.raises(DataError, match="duplicate"):
+        evaluate(tiny_model, tiny_tokenizer, traces, TASK, _settings(), tmp_path)
+
+
+def _eval_command(model_dir, data, out):
+    return [sys.executable, "-m", "memreason.cli", "eval", "--model", str(model_dir), "--data", str(data),
+            "--task", "strategyqa", "--split", "test", "--out", str(out), "--batch-size", "2",
+            "--max-new-tokens", "24", "--prompt-style", "plain", "--device", "cpu"]
+
+
+def test_kill_9_during_eval_then_rerun_gives_exactly_one_row_per_id(tmp_path, tiny_model, tiny_tokenizer):
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    n = 24
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"question": f"Is thing number {i} true?", "answer": "True", "cot_steps": [],
+                                 "split": "test"} for i in range(n)]))
+    out = tmp_path / "out"
+    results = out / "results.jsonl"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rows = lambda: results.read_text().count("\n") if results.exists() else 0  # noqa: E731
+    kills = 0
+    # kill before any row is written, after the first chunk, and later on
+    for should_kill in (lambda started: time.time() - started > 0.5, lambda _: rows() >= 4, lambda _: rows() >= 12):
+        proc = subprocess.Popen(_eval_command(model_dir, data, out), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        started = time.time()
+        while proc.poll() is None and time.time() - started < 120:
+            if should_kill(started):
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.02)
+        proc.wait()
+    assert kills >= 1
+    final = subprocess.run(_eval_command(model_dir, data, out), env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-2000:]
+    ids = [json.loads(line)["id"] for line in results.read_text().splitlines()]
+    assert len(ids) == n and len(set(ids)) == n
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == n
+
+
+@pytest.mark.smollm2
+def test_smollm2_eval_writes_rows_and_summary(tmp_path, smollm2):
+    model, tokenizer = smollm2
+    from memreason.data import load_traces
+
+    traces, _ = load_traces("bundled:strategyqa", split="test")
+    settings = _settings(model="smollm2", prompt_style="chat", max_new_tokens=48)
+    summary = evaluate(model, tokenizer, traces[:4], TASK, settings, tmp_path, batch_size=4)
+    rows = read_results(tmp_path / "results.jsonl")
+    assert summary["n"] == 4 == len(rows)
+    assert all(r["outcome"] in ("correct", "wrong", "unparseable") and r["raw"] for r in rows)
+    assert all("<|im_start|>" not in r["raw"] and "Question:" not in r["raw"][:9] for r in rows)
