@@ -18,7 +18,7 @@ import sys
 from memreason.errors import MemreasonError
 
 # Verb modules, in the order --help lists them.
-VERB_MODULES = ["smoke", "data", "eval", "compare"]
+VERB_MODULES = ["demo", "smoke", "data", "eval", "compare"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
