@@ -97,7 +97,7 @@ def test_kill_9_during_eval_then_rerun_gives_exactly_one_row_per_id(tmp_path, ti
     model_dir = tmp_path / "model"
     tiny_model.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    n = 24
+    n = 12
     data = tmp_path / "data.json"
     data.write_text(json.dumps([{"question": f"Is thing number {i} true?", "answer": "True", "cot_steps": [],
                                  "split": "test"} for i in range(n)]))
@@ -107,7 +107,7 @@ def test_kill_9_during_eval_then_rerun_gives_exactly_one_row_per_id(tmp_path, ti
     rows = lambda: results.read_text().count("\n") if results.exists() else 0  # noqa: E731
     kills = 0
     # kill before any row is written, after the first chunk, and later on
-    for should_kill in (lambda started: time.time() - started > 0.5, lambda _: rows() >= 4, lambda _: rows() >= 12):
+    for should_kill in (lambda started: time.time() - started > 0.5, lambda _: rows() >= 4, lambda _: rows() >= 8):
         proc = subprocess.Popen(_eval_command(model_dir, data, out), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         started = time.time()
