@@ -30,6 +30,12 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   demo) exec "$VENV/bin/memreason" demo "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  test)
+    # The HTML report is checked in headless Chromium; install Debian's when we can (root + apt).
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+        || echo "could not install chromium; the browser tests will be skipped" >&2
+    fi
+    exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: ./run.sh demo|test [args...]" >&2; exit 2 ;;
 esac
