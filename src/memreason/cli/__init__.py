@@ -18,7 +18,7 @@ import sys
 from memreason.errors import MemreasonError
 
 # Verb modules, in the order --help lists them.
-VERB_MODULES = ["demo", "smoke", "data", "eval", "compare"]
+VERB_MODULES = ["demo", "train", "smoke", "data", "eval", "compare", "rebalance", "inject", "annotate", "serve", "inspect", "report"]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
