@@ -13,7 +13,7 @@ import argparse
 
 EPILOG = """examples:
   memreason train --config configs/demo.yaml
-  memreason train --config configs/demo.yaml optim.epochs=1 output_dir=runs/quick
+  memreason train --config configs/demo.yaml optim.epochs=2 output_dir=runs/demo-2ep
   memreason train --config configs/demo.yaml scheme.n_special=0 output_dir=runs/demo-s0      # the S=0 ablation
   memreason train --config configs/paper/llama31_8b_strategyqa.yaml --resume
   accelerate launch --config_file configs/accelerate/ddp.yaml -m memreason.cli train --config configs/demo.yaml
