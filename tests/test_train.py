@@ -113,6 +113,26 @@ def test_labels_are_exactly_the_target_tokens_and_eos(tiny_tokenizer):
     assert row["n_prompt"] == len(prompt_ids)
 
 
+def test_text_objective_trains_every_token_of_a_record_without_a_prompt_or_eos(assets, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    sentences = [f"Paris is the capital of France ({i})." for i in range(12)]
+    corpus.write_text("".join(json.dumps({"question": s, "steps": [], "answer": "x"}) + "\n" for s in sentences))
+    cfg = load_config(None, [f"model.name_or_path={assets['tied']}", f"data.source={corpus}", "data.task=freeform",
+                             "data.train_split=null", "data.val_size=2", "data.objective=text", "scheme.style=direct",
+                             "mode=lora", "optim.max_steps=2", "optim.batch_size=4", "optim.warmup_steps=0",
+                             "eval.every_steps=2", f"output_dir={tmp_path / 'run'}"])
+    recipe = TrainRecipe(cfg, progress=False)
+    recipe.setup()
+    rows = recipe.trainer.train_dataset.rows
+    texts = {recipe.tokenizer.decode(r["input_ids"]) for r in rows}
+    assert texts <= set(sentences) and len(rows) == 10
+    assert all(r["labels"] == r["input_ids"] and r["n_prompt"] == 0 for r in rows)
+    recipe.train()
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "complete" and "val_loss" in info["best"]
+    assert not (tmp_path / "run" / "val_generations.jsonl").exists()  # nothing to generate for plain text
+
+
 def test_prompt_and_target_are_tokenised_separately(tiny_tokenizer):
     # "Pari" + "s is ..." would merge into the corpus word "Paris" if the strings were joined first
     prompt, target = "Question: Pari", "s is the capital of France."

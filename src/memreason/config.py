@@ -69,6 +69,10 @@ class DataConfig:
         max_length (int): longest prompt + target + EOS in tokens; longer examples are dropped and
             counted, never truncated (a truncated example would be trained to stop before its answer).
         on_unknown_tag ("error" | "drop"), skip_invalid (bool): passed to the loader.
+        objective ("trace" | "text"): ``trace`` trains answers (prompt = question, target = formatted
+            trace). ``text`` trains plain language modelling on each record's ``question`` field (no
+            prompt, no EOS, loss on every token): the knowledge stage of the synthetic world. Its best
+            checkpoint is chosen by validation loss, since there are no answers to generate.
     """
 
     source: str = "bundled:strategyqa"
@@ -81,6 +85,7 @@ class DataConfig:
     max_length: int = 1024
     on_unknown_tag: Literal["error", "drop"] = "error"
     skip_invalid: bool = False
+    objective: Literal["trace", "text"] = "trace"
 
 
 @dataclass

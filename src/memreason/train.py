@@ -125,11 +125,12 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prepare_example(tokenizer, prompt: str, target: str, max_length: int) -> dict | None:
+def prepare_example(tokenizer, prompt: str, target: str, max_length: int, eos: bool = True) -> dict | None:
     """Token ids and labels for one example, or None when it does not fit in ``max_length``.
 
     Prompt and target are tokenised separately and the ids concatenated, so no token straddles the
-    boundary; EOS ends the target before the length check. Labels are ``-100`` on every prompt token and
+    boundary; EOS ends the target before the length check (``eos=False``: plain text, see
+    ``data.objective``). Labels are ``-100`` on every prompt token and
     equal to the ids on every target token (the model shifts them: position ``len(prompt) - 1`` predicts
     the first target token).
 
@@ -137,7 +138,7 @@ def prepare_example(tokenizer, prompt: str, target: str, max_length: int) -> dic
         ``{"input_ids": [...], "labels": [...], "n_prompt": int}`` or None.
     """
     prompt_ids = encode(tokenizer, prompt)
-    target_ids = encode(tokenizer, target) + [tokenizer.eos_token_id]
+    target_ids = encode(tokenizer, target) + ([tokenizer.eos_token_id] if eos else [])
     if len(prompt_ids) + len(target_ids) > max_length:
         return None
     return {"input_ids": prompt_ids + target_ids,
@@ -511,11 +512,18 @@ class TrainRecipe:
         prompt_style = resolve_style(cfg.prompt_style, tokenizer)
         token_ids = add_scheme_tokens(model, tokenizer, cfg.scheme)
 
+        text_objective = cfg.data.objective == "text"
+
         def rows_for(traces):
             rows, dropped = [], 0
             for trace in traces:
-                prompt = render_prompt(trace.question, self.task, tokenizer, prompt_style)
-                row = prepare_example(tokenizer, prompt, format_target(trace, cfg.scheme), cfg.data.max_length)
+                if text_objective:
+                    # plain text: no prompt, every token a target, and no EOS (a model taught to stop after
+                    # every sentence stops before it answers: measured on the synthetic world)
+                    row = prepare_example(tokenizer, "", trace.question, cfg.data.max_length, eos=False)
+                else:
+                    prompt = render_prompt(trace.question, self.task, tokenizer, prompt_style)
+                    row = prepare_example(tokenizer, prompt, format_target(trace, cfg.scheme), cfg.data.max_length)
                 if row is None:
                     dropped += 1
                 else:
@@ -532,7 +540,8 @@ class TrainRecipe:
             raise DataError(f"every training example is longer than data.max_length={cfg.data.max_length} tokens",
                             file=cfg.data.source)
         self._check_schedule(len(train_rows))
-        val_items = val_traces[:cfg.eval.val_limit] if cfg.eval.val_limit else val_traces
+        # the text objective has no answers to generate: validation is the loss alone
+        val_items = [] if text_objective else val_traces[:cfg.eval.val_limit] if cfg.eval.val_limit else val_traces
         val_prompts = [render_prompt(t.question, self.task, tokenizer, prompt_style) for t in val_items]
 
         set_seed(cfg.seed)  # LoRA's random A matrices start from the same state whatever loading consumed
@@ -548,7 +557,7 @@ class TrainRecipe:
         self.trainer = RecipeTrainer(
             model=model, args=self.args, train_dataset=ListDataset(train_rows), eval_dataset=ListDataset(val_rows),
             data_collator=PadCollator(tokenizer.pad_token_id, multiple_of=multiple_of), processing_class=tokenizer,
-            callbacks=[self.val_callback, MetricsWriter(self.run_dir / "metrics.jsonl")],
+            callbacks=([] if text_objective else [self.val_callback]) + [MetricsWriter(self.run_dir / "metrics.jsonl")],
             sampler_seed=cfg.seed)
         self.val_callback.trainer = self.trainer
         self.tokenizer, self.token_ids = tokenizer, token_ids
@@ -605,7 +614,7 @@ class TrainRecipe:
                                    skip_invalid=d.skip_invalid)
         if not pool:
             raise DataError(f"no records of split {d.train_split!r}", file=d.source)
-        if self.cfg.scheme.style != "direct":
+        if self.cfg.scheme.style != "direct" and d.objective == "trace":
             require_steps(pool, report.source)
         train, val = split_validation(pool, fraction=d.val_fraction, size=d.val_size, seed=d.seed)
         if d.marker_allocation == "random":
@@ -647,7 +656,8 @@ class TrainRecipe:
             max_grad_norm=o.max_grad_norm, activation_checkpointing=o.activation_checkpointing,
             activation_checkpointing_kwargs={"use_reentrant": False} if o.activation_checkpointing else None,
             eval_strategy=strategy, save_strategy=strategy, eval_steps=e.every_steps, save_steps=e.every_steps,
-            metric_for_best_model="val_accuracy", greater_is_better=True, load_best_model_at_end=False,
+            metric_for_best_model="val_accuracy" if cfg.data.objective == "trace" else "eval_loss",
+            greater_is_better=cfg.data.objective == "trace", load_best_model_at_end=False,
             save_total_limit=cfg.save_total_limit,
             logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
             seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
