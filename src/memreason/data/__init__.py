@@ -1,5 +1,5 @@
-"""Data sources that become Traces: file loaders, bundled data (and later the synthetic world and the
-annotation agent)."""
+"""Data sources that become Traces: file loaders, bundled data, the synthetic world (``data.world``) and the
+annotation agent (``data.annotate``)."""
 
 from memreason.data.loaders import BUNDLED, LoadReport, load_traces, require_steps, write_jsonl
 
