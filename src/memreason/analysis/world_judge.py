@@ -1,0 +1,275 @@
+"""The exact judge of the synthetic world: every step of a generated trace is checked against the world.
+
+``WorldJudge`` implements the ``Judge`` interface of ``analysis.judges`` (``attribute_error(row)``,
+``check_decoupling(row)`` on ``results.jsonl`` rows), so it plugs into ``judge_rows`` and the summaries.
+
+Each step is read with the world's own wordings (``data/world.py``), which also gives the step's type by
+its content, whatever its label says:
+
+* a **memory** step is any paraphrase of a relation, ``"<subject> was born in <object>."`` ...; it is a
+  ``true`` fact when the world holds it, a ``false`` fact when both names are entities of the world but
+  the world holds another object (or the names have the wrong types), and ``unknown_entity`` when a name
+  is not an entity of the world;
+* a **reason** step is re-derived. A chain step ``"So the <chain> of <X> is <Y>."`` is valid when following
+  the chain from X through the facts *stated in the steps before it* (true or not: a valid inference
+  from a false recall is still valid) reaches Y, and the chain is the question's. A decision step (``"Y
+  is C, so yes."``, ``"Y is option B."``, ``"Y and Z differ, so no."``) is valid when it uses the
+  conclusions of the chain steps before it and decides correctly against the question's candidate or
+  options;
+* a step matching no wording cannot be checked: it is faulty, and its source is its label (an unlabelled
+  one makes the row not judgeable).
+
+The first faulty step decides the error class (memory or reason). When no step is faulty, the answer
+line is checked against the last decision step; an answer that does not follow (or no decision step) is a
+reasoning error at the answer (``first_faulty = None``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from memreason.analysis.judges import DecouplingVerdict, ErrorVerdict, NotApplicable
+from memreason.data.world import NO, RELATIONS, WORLD_FORMAT, YES
+from memreason.errors import DataError
+from memreason.traces import MEMORY, REASON
+
+TRUE, FALSE, UNKNOWN_ENTITY, UNPARSED = "true", "false", "unknown_entity", "unparsed"
+VALID, INVALID = "valid", "invalid"
+
+
+def _template_regex(template: str) -> re.Pattern:
+    body = re.escape(template.rstrip(".")).replace(r"\{s\}", r"(?P<s>.+?)").replace(r"\{o\}", r"(?P<o>.+?)")
+    return re.compile(rf"^{body}\.?$")
+
+
+_MEMORY_PATTERNS = [(name, _template_regex(t)) for name, r in RELATIONS.items() for t in r.templates]
+_NOUNS = {r.noun: name for name, r in RELATIONS.items()}
+_CHAIN = re.compile(r"^So the (?P<mid>.+) is (?P<o>.+?)\.?$")
+_YES_NO = re.compile(r"^(?P<o>.+?) is (?P<neg>not )?(?P<c>.+), so (?P<ans>yes|no)\.?$", re.IGNORECASE)
+_CHOICE = re.compile(r"^(?P<o>.+?) is option (?P<letter>[A-Z])\.?$")
+_SAME = re.compile(r"^(?P<o1>.+?) and (?P<o2>.+?) (?P<rel>are the same, so yes|differ, so no)\.?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class StepCheck:
+    """What the judge found in one step.
+
+    Args:
+        type (str | None): ``memory`` or ``reason`` by content; None when no wording matched.
+        status (str): memory: ``true`` / ``false`` / ``unknown_entity``; reason: ``valid`` / ``invalid``;
+            ``unparsed`` when no wording matched.
+        detail (str): why, in a few words.
+        fact_id (str | None): the world fact a true memory step states.
+        triple (tuple | None): ``(relation, subject, object)`` a memory step states, true or not.
+        decision (str | None): the answer a valid decision step decides (``Yes``, ``No``, ``B``).
+    """
+
+    type: str | None
+    status: str
+    detail: str = ""
+    fact_id: str | None = None
+    triple: tuple[str, str, str] | None = None
+    decision: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (TRUE, VALID)
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split()).strip()
+
+
+class WorldJudge:
+    """Checks generated traces against a world written by ``write_world``.
+
+    Args:
+        world (dict): the parsed ``world.json``.
+        name (str, default "world"); source (str): where the world came from (for the record).
+    """
+
+    def __init__(self, world: dict, *, name: str = "world", source: str = ""):
+        self.world, self.name, self.source = world, name, source
+        self.entities: dict[str, str] = world["entities"]
+        self.facts = {(f["relation"], f["subject"]): f for f in world["facts"]}
+        self.questions: dict[str, dict] = world["questions"]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WorldJudge":
+        """Read ``world.json`` (or a directory holding it).
+
+        Raises:
+            DataError: missing or unreadable file, or not a world file.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / "world.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError("world file not found (write one with `memreason world generate`)", file=str(path)) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"not a JSON world file: {exc}", file=str(path)) from None
+        if not isinstance(data, dict) or data.get("format") != WORLD_FORMAT:
+            raise DataError(f"not a world file (expected format {WORLD_FORMAT!r})", file=str(path), field="format")
+        return cls(data, source=str(path))
+
+    def describe(self) -> dict:
+        digest = hashlib.sha256(json.dumps(self.world, sort_keys=True).encode()).hexdigest()[:16]
+        return {"judge": "world", "world": self.source, "world_digest": digest}
+
+    # -- single steps -----------------------------------------------------------------------------------
+
+    def check_memory(self, text: str) -> StepCheck | None:
+        """The verdict on a memory step, or None when it is no relation's wording."""
+        text = _clean(text)
+        found = [(relation, m.group("s"), m.group("o")) for relation, pattern in _MEMORY_PATTERNS
+                 if (m := pattern.match(text))]
+        if not found:
+            return None
+        # several wordings can match one sentence; trust the reading whose names are entities
+        found.sort(key=lambda x: -((x[1] in self.entities) + (x[2] in self.entities)))
+        triple = relation, subject, obj = found[0]
+        unknown = [n for n in (subject, obj) if n not in self.entities]
+        if unknown:
+            return StepCheck(MEMORY, UNKNOWN_ENTITY, f"{unknown[0]!r} is not an entity of the world", triple=triple)
+        fact = self.facts.get((relation, subject))
+        if fact is not None and fact["object"] == obj:
+            return StepCheck(MEMORY, TRUE, f"{relation}({subject}) = {obj}", fact["id"], triple)
+        truth = fact["object"] if fact else "nothing (wrong entity type)"
+        return StepCheck(MEMORY, FALSE, f"{relation}({subject}) is {truth}, not {obj}", triple=triple)
+
+    def check_steps(self, row: dict) -> list[StepCheck]:
+        """Check every step of a result row in order (see the module docstring).
+
+        Raises:
+            NotApplicable: the row's question is not in this world.
+        """
+        meta = self.questions.get(row.get("id"))
+        if meta is None:
+            raise NotApplicable("the question is not in this world")
+        stated: dict[tuple[str, str], str] = {}   # (relation, subject) -> object, as the steps say
+        concluded: dict[str, str] = {}            # subject -> chain conclusion, as the steps say
+        checks = []
+        for step in row.get("steps") or []:
+            text = _clean(step.get("text", ""))
+            memory = self.check_memory(text)
+            if memory is not None:
+                relation, subject, obj = memory.triple
+                stated[(relation, subject)] = obj
+                checks.append(memory)
+                continue
+            checks.append(self._check_reason(text, meta, stated, concluded))
+        return checks
+
+    def _check_reason(self, text: str, meta: dict, stated: dict, concluded: dict) -> StepCheck:
+        path, subjects, form = tuple(meta["path"]), meta["subjects"], meta["form"]
+        if (m := _CHAIN.match(text)) and " of " in m.group("mid"):
+            *nouns, last = m.group("mid").split(" of the ")
+            noun, _, subject = last.partition(" of ")
+            nouns.append(noun)
+            if any(n not in _NOUNS for n in nouns):
+                return StepCheck(REASON, INVALID, f"unknown relation in chain {m.group('mid')!r}")
+            chain = tuple(_NOUNS[n] for n in reversed(nouns))
+            if chain != path or subject not in subjects:
+                return StepCheck(REASON, INVALID, "derives a different chain or subject than the question asks")
+            current = subject
+            for relation in chain:
+                if (relation, current) not in stated:
+                    return StepCheck(REASON, INVALID, f"no earlier step states {relation}({current})")
+                current = stated[(relation, current)]
+            concluded[subject] = m.group("o")
+            if current != m.group("o"):
+                return StepCheck(REASON, INVALID, f"the stated facts lead to {current}, not {m.group('o')}")
+            return StepCheck(REASON, VALID, f"follows: {subject} → {current}")
+        if form == "comparison" and (m := _SAME.match(text)):
+            if [m.group("o1"), m.group("o2")] != [concluded.get(s) for s in subjects]:
+                return StepCheck(REASON, INVALID, "compares something other than the two chain conclusions")
+            same = m.group("rel").lower().startswith("are the same")
+            if same != (m.group("o1") == m.group("o2")):
+                return StepCheck(REASON, INVALID, "the comparison is decided wrongly")
+            return StepCheck(REASON, VALID, "decides the comparison", decision=YES if same else NO)
+        if form == "choice" and (m := _CHOICE.match(text)):
+            options, letter = meta["options"], m.group("letter")
+            if m.group("o") != concluded.get(subjects[0]):
+                return StepCheck(REASON, INVALID, "picks an option for something other than the chain conclusion")
+            index = ord(letter) - ord("A")
+            if index >= len(options) or options[index] != m.group("o"):
+                return StepCheck(REASON, INVALID, f"option {letter} is not {m.group('o')}")
+            return StepCheck(REASON, VALID, "picks the option", decision=letter)
+        if form == "yes_no" and (m := _YES_NO.match(text)):
+            if m.group("o") != concluded.get(subjects[0]) or m.group("c") != meta["candidate"]:
+                return StepCheck(REASON, INVALID, "compares something other than the chain conclusion and the candidate")
+            equal = m.group("o") == m.group("c")
+            yes = m.group("ans").lower() == "yes"
+            if equal != (m.group("neg") is None) or yes != equal:
+                return StepCheck(REASON, INVALID, "the yes/no decision does not follow")
+            return StepCheck(REASON, VALID, "decides yes/no", decision=YES if yes else NO)
+        return StepCheck(None, UNPARSED, "matches no wording of the world")
+
+    # -- the Judge interface ----------------------------------------------------------------------------
+
+    def attribute_error(self, row: dict) -> ErrorVerdict:
+        """Where a wrong answer first went wrong (see the module docstring).
+
+        Raises:
+            NotApplicable: no steps, a question not in the world, or an unchecked unlabelled step first.
+        """
+        steps = row.get("steps") or []
+        if not steps:
+            raise NotApplicable("no steps")
+        checks = self.check_steps(row)
+        correct = tuple(c.ok for c in checks)
+        types = tuple(c.type for c in checks)
+        evidence = tuple((c.fact_id, 1.0) if c.fact_id else None for c in checks)
+        first = next((i for i, c in enumerate(checks) if not c.ok), None)
+        if first is not None:
+            source = checks[first].type or steps[first].get("kind")
+            if source not in (MEMORY, REASON):
+                raise NotApplicable(f"step {first + 1} matches no wording and has no memory/reason label")
+            explanation = f"step {first + 1} ({source}, {checks[first].status}): {checks[first].detail}"
+            return ErrorVerdict(source, first, correct, types, explanation, evidence)
+        decided = _decision(checks)
+        if decided is None:
+            explanation = "every step checks out, but none decides the answer"
+        elif decided != row.get("predicted"):
+            explanation = f"the steps decide {decided}, but the answer line says {row.get('predicted')}"
+        else:
+            explanation = "every step checks out and the answer follows; the steps answer another question"
+        return ErrorVerdict(REASON, None, correct, types, explanation, evidence)
+
+    def answer_follows(self, row: dict) -> bool:
+        """Whether every step checks out and the answer line states what the last decision step decided
+        (true of every gold trace)."""
+        checks = self.check_steps(row)
+        decided = _decision(checks)
+        return all(c.ok for c in checks) and decided is not None and decided == row.get("predicted")
+
+    def check_decoupling(self, row: dict) -> DecouplingVerdict:
+        """Whether memory-labelled steps state facts (true or false) and reason-labelled steps derive.
+
+        Raises:
+            NotApplicable: no steps, or a question not in the world.
+        """
+        if not row.get("steps"):
+            raise NotApplicable("no steps")
+        checks = self.check_steps(row)
+        forms = tuple({MEMORY: "fact", REASON: "inference"}.get(c.type, "other") for c in checks)
+        decoupled = tuple(None if s.get("kind") not in (MEMORY, REASON)
+                          else (c.type == s["kind"]) for s, c in zip(row["steps"], checks))
+        return DecouplingVerdict(forms, decoupled, tuple((c.fact_id, 1.0) if c.fact_id else None for c in checks))
+
+
+def _decision(checks: list[StepCheck]) -> str | None:
+    """What the last decision step decided (None without one)."""
+    return next((c.decision for c in reversed(checks) if c.decision is not None), None)
+
+
+def gold_row(trace) -> dict:
+    """A gold Trace as a result row (its own answer as the prediction), for checking gold traces."""
+    return {"id": trace.id, "question": trace.question, "gold": trace.answer, "predicted": trace.answer,
+            "outcome": "correct", "steps": [{"kind": s.kind, "text": s.text} for s in trace.steps]}

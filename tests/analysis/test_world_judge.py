@@ -1,0 +1,164 @@
+"""Tests of memreason.analysis.world_judge: every gold trace checks out, planted false facts, unknown
+entities and invalid derivations are caught at the right step with the right error class, and the judge
+plugs into judge_rows / summarise_errors like the other judges."""
+
+from __future__ import annotations
+
+import pytest
+
+from memreason.analysis import judges as J
+from memreason.analysis.world_judge import FALSE, INVALID, TRUE, UNKNOWN_ENTITY, VALID, WorldJudge, gold_row
+from memreason.data.world import RELATIONS, SPLITS, WorldConfig, generate_world, write_world
+from memreason.traces import MEMORY, REASON
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(WorldConfig(seed=1))
+
+
+@pytest.fixture(scope="module")
+def judge(world, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("world")
+    write_world(world, directory)
+    return WorldJudge.load(directory)
+
+
+def _first(world, form, hops=2):
+    return next(t for t in world.questions["train"] if t.meta["form"] == form and len(t.meta["path"]) == hops)
+
+
+def _wrong(trace, replace: dict[int, str], predicted=None):
+    """A wrong-answer row built from a gold trace with some step texts replaced."""
+    row = gold_row(trace)
+    for index, text in replace.items():
+        row["steps"][index]["text"] = text
+    row["predicted"] = predicted or ("No" if trace.answer == "Yes" else "Yes" if trace.answer == "No" else "A")
+    row["outcome"] = "wrong"
+    return row
+
+
+def _other(world, name):
+    return next(n for n in world.names_of(world.entities[name]) if n != name)
+
+
+def test_every_gold_trace_in_every_split_checks_out_step_by_step(world, judge):
+    for split in SPLITS:
+        for trace in world.questions[split]:
+            row = gold_row(trace)
+            checks = judge.check_steps(row)
+            assert [c.type for c in checks] == [s.kind for s in trace.steps], trace.question
+            assert all(c.ok for c in checks) and judge.answer_follows(row), trace.question
+            ids = [c.fact_id for c in checks if c.type == MEMORY]
+            assert ids == [l[0] for s, l in zip(trace.steps, trace.meta["step_facts"]) if s.kind == MEMORY]
+
+
+def test_every_paraphrase_of_every_fact_reads_as_that_true_fact(world, judge):
+    for fact in world.facts.values():
+        for k in range(len(RELATIONS[fact.relation].templates)):
+            check = judge.check_memory(fact.text(k))
+            assert (check.status, check.fact_id) == (TRUE, fact.id), fact.text(k)
+
+
+def test_a_planted_false_fact_is_a_memory_error_at_its_step(world, judge):
+    trace = _first(world, "choice")
+    fact = world.facts[trace.meta["step_facts"][1][0]]
+    wrong = fact.text(0).replace(fact.object, _other(world, fact.object))
+    verdict = judge.attribute_error(_wrong(trace, {1: wrong}))
+    assert (verdict.source, verdict.first_faulty) == (MEMORY, 1)
+    assert judge.check_memory(wrong).status == FALSE
+    # the chain step that follows validly from the false fact is not blamed, but it no longer matches the
+    # conclusion written in the gold trace, so it is faulty too; only the first faulty step counts
+    assert verdict.step_correct[0] is True and verdict.step_correct[1] is False
+
+
+def test_an_unknown_entity_is_a_memory_error(world, judge):
+    trace = _first(world, "yes_no")
+    fact = world.facts[trace.meta["step_facts"][0][0]]
+    invented = fact.text(0).replace(fact.object, "Qwerty Zzyx")
+    assert judge.check_memory(invented).status == UNKNOWN_ENTITY
+    verdict = judge.attribute_error(_wrong(trace, {0: invented}))
+    assert (verdict.source, verdict.first_faulty) == (MEMORY, 0)
+
+
+def test_a_valid_inference_from_a_false_fact_is_not_a_reasoning_error(world, judge):
+    trace = _first(world, "choice")
+    first, second = (world.facts[l[0]] for l in trace.meta["step_facts"][:2])
+    fake = _other(world, second.object)
+    row = _wrong(trace, {1: second.text(0).replace(second.object, fake),
+                         2: trace.steps[2].text.replace(second.object, fake)})
+    checks = judge.check_steps(row)
+    assert checks[1].status == FALSE and checks[2].status == VALID
+
+
+def test_a_planted_invalid_chain_derivation_is_a_reasoning_error(world, judge):
+    trace = _first(world, "choice")
+    obj = world.facts[trace.meta["step_facts"][1][0]].object
+    bad_chain = trace.steps[2].text.replace(obj, _other(world, obj))
+    verdict = judge.attribute_error(_wrong(trace, {2: bad_chain}))
+    assert (verdict.source, verdict.first_faulty) == (REASON, 2)
+    assert "lead to" in verdict.explanation
+
+
+@pytest.mark.parametrize("form", ["yes_no", "choice", "comparison"])
+def test_a_planted_invalid_decision_is_a_reasoning_error(world, judge, form):
+    trace = _first(world, form)
+    last = trace.steps[-1].text
+    flipped = {"yes_no": lambda t: t.replace(", so yes", ", so no") if "so yes" in t else t.replace(", so no", ", so yes"),
+               "choice": lambda t: t[:-2] + ("B." if not t.endswith("B.") else "A."),
+               "comparison": lambda t: t.replace("are the same, so yes", "differ, so no") if "same" in t
+               else t.replace("differ, so no", "are the same, so yes")}[form](last)
+    assert flipped != last
+    verdict = judge.attribute_error(_wrong(trace, {len(trace.steps) - 1: flipped}))
+    assert (verdict.source, verdict.first_faulty) == (REASON, len(trace.steps) - 1)
+    assert judge.check_steps(_wrong(trace, {len(trace.steps) - 1: flipped}))[-1].status == INVALID
+
+
+def test_a_missing_recall_makes_the_chain_unsupported(world, judge):
+    trace = _first(world, "yes_no")
+    row = _wrong(trace, {})
+    del row["steps"][1]  # the second hop is never stated
+    verdict = judge.attribute_error(row)
+    assert (verdict.source, verdict.first_faulty) == (REASON, 1) and "no earlier step states" in verdict.explanation
+
+
+def test_sound_steps_with_a_contradicting_answer_line_is_a_reasoning_error_at_the_answer(world, judge):
+    trace = _first(world, "yes_no")
+    verdict = judge.attribute_error(_wrong(trace, {}))
+    assert (verdict.source, verdict.first_faulty) == (REASON, None) and "answer line" in verdict.explanation
+
+
+def test_step_type_comes_from_content_so_unlabelled_and_mislabelled_steps_are_judged(world, judge):
+    trace = _first(world, "choice")
+    fact = world.facts[trace.meta["step_facts"][0][0]]
+    row = _wrong(trace, {0: fact.text(0).replace(fact.object, _other(world, fact.object))})
+    for step in row["steps"]:
+        step["kind"] = "step"
+    assert judge.attribute_error(row).source == MEMORY
+    row["steps"][0]["kind"] = REASON  # a recall labelled as reasoning
+    assert judge.attribute_error(row).source == MEMORY
+    decoupling = judge.check_decoupling(row)
+    assert decoupling.forms[0] == "fact" and decoupling.decoupled[0] is False and decoupling.decoupled[1] is None
+
+
+def test_unreadable_unlabelled_steps_and_foreign_questions_are_not_applicable(world, judge):
+    trace = _first(world, "choice")
+    row = _wrong(trace, {0: "I think about it."})
+    row["steps"][0]["kind"] = "step"
+    with pytest.raises(J.NotApplicable):
+        judge.attribute_error(row)
+    row["steps"][0]["kind"] = MEMORY  # labelled: the unreadable memory step is the memory error
+    assert judge.attribute_error(row).source == MEMORY
+    with pytest.raises(J.NotApplicable):
+        judge.attribute_error({**row, "id": "not-in-this-world"})
+
+
+def test_the_world_judge_runs_through_judge_rows_and_summaries(world, judge, tmp_path):
+    trace = _first(world, "choice")
+    fact = world.facts[trace.meta["step_facts"][0][0]]
+    rows = [_wrong(trace, {0: fact.text(0).replace(fact.object, _other(world, fact.object))}),
+            {**_wrong(_first(world, "yes_no"), {}), "steps": []}]
+    verdicts = J.judge_rows(rows, judge, J.ERRORS, tmp_path / "errors_world.jsonl")
+    summary = J.summarise_errors(verdicts)
+    assert summary["n"] == 1 and summary["memory"]["count"] == 1
+    assert summary["status"] == {"ok": 1, "not_applicable": 1, "failed": 0}
