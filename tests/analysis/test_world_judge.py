@@ -162,3 +162,27 @@ def test_the_world_judge_runs_through_judge_rows_and_summaries(world, judge, tmp
     summary = J.summarise_errors(verdicts)
     assert summary["n"] == 1 and summary["memory"]["count"] == 1
     assert summary["status"] == {"ok": 1, "not_applicable": 1, "failed": 0}
+
+
+def test_inspect_errors_cli_runs_the_world_judge_beside_the_generic_exact_judge(world, tmp_path, capsys):
+    import json
+
+    from memreason.cli import main
+
+    write_world(world, tmp_path / "world")
+    choice = _first(world, "choice")
+    fact = world.facts[choice.meta["step_facts"][0][0]]
+    memory_error = _wrong(choice, {0: fact.text(0).replace(fact.object, _other(world, fact.object))})
+    reason_error = _wrong(_first(world, "yes_no"), {})
+    results = tmp_path / "eval" / "results.jsonl"
+    results.parent.mkdir()
+    results.write_text("".join(json.dumps(r) + "\n" for r in (memory_error, reason_error)))
+    assert main(["inspect", "errors", "--results", str(results), "--judge", "world"]) == 2
+    assert "--world" in capsys.readouterr().err
+    assert main(["inspect", "errors", "--results", str(results), "--judge", "world", "--world",
+                 str(tmp_path / "world"), "--judge", "exact", "--facts", str(tmp_path / "world" / "facts.json")]) == 0
+    summary = json.loads((tmp_path / "eval" / "inspect" / "errors_summary.json").read_text())
+    world_summary = summary["judges"]["world"]["summary"]
+    assert (world_summary["memory"]["count"], world_summary["reason"]["count"]) == (1, 1)
+    # the generic exact judge reads the same world's fact table and agrees on both rows
+    assert summary["agreement"]["exact vs world"]["agreement"]["share"] == 1.0

@@ -27,6 +27,7 @@ _EPILOG = """examples:
   memreason inspect errors --results results/demo/results.jsonl --judge exact --gold-data bundled:strategyqa
   memreason inspect decoupling --results results/demo/results.jsonl --judge llm --judge exact --facts facts.json \\
       --model my-model --base-url http://127.0.0.1:8000/v1
+  memreason inspect errors --results runs/world/arms/tokens/test/results.jsonl --judge world --world runs/world/world
   memreason report --results results/demo/results.jsonl
 re-running a judge resumes: judged rows are skipped and cached replies cost nothing."""
 
@@ -60,7 +61,7 @@ def register(subparsers) -> None:
         action = actions.add_parser(name, help=helptext, epilog=_EPILOG,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(action)
-        action.add_argument("--judge", action="append", choices=["llm", "exact"], required=True,
+        action.add_argument("--judge", action="append", choices=["llm", "exact", "world"], required=True,
                             help="repeat for both; with two judges their agreement is reported")
         action.add_argument("--model", default=None, help="LLM judge: model name at the endpoint")
         action.add_argument("--base-url", default=None, help="LLM judge: OpenAI-compatible base URL (default: "
@@ -80,6 +81,8 @@ def register(subparsers) -> None:
                             "steps are the facts of each question (matched by id), e.g. bundled:strategyqa")
         action.add_argument("--gold-split", default=None, help="split of --gold-data (default: the results' split)")
         action.add_argument("--threshold", type=float, default=0.8, help="exact judge: token overlap that matches")
+        action.add_argument("--world", default=None, help="world judge: a synthetic world directory (or its "
+                            "world.json) from `memreason world generate` / `world ablate`")
         if name == "errors":
             action.add_argument("--include-unparseable", action="store_true",
                                 help="also judge answers that could not be read (default: wrong answers only)")
@@ -197,6 +200,12 @@ def _judges(args, out: Path, config: dict | None):
             judges.append(LLMJudge(OpenAIChat(base_url, api_key, timeout=args.timeout), args.model, seed=args.seed,
                                    temperature=args.temperature, max_tokens=args.max_tokens, attempts=args.attempts,
                                    retries=args.retries, cache=cache))
+        elif kind == "world":
+            from memreason.analysis.world_judge import WorldJudge
+
+            if not args.world:
+                raise ConfigError("the world judge needs --world (a directory written by `memreason world generate`)")
+            judges.append(WorldJudge.load(args.world))
         else:
             if bool(args.facts) == bool(args.gold_data):
                 raise ConfigError("the exact judge needs exactly one of --facts (a fact table) or --gold-data "
