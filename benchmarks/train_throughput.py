@@ -5,7 +5,8 @@ on the same bundled StrategyQA-style examples in the paper's target format, for 
 optimiser steps with the same effective batch of 16 examples and the same learning rate:
 
 - official-style: batch size 1, gradient accumulation 16, every example padded to the maximum length
-  (the original's loop, spec disentangle.md §4.3/§10.3);
+  (the issue's baseline; ``--official-padding none`` feeds each example unpadded, which is what the
+  original's collator does at batch size 1, spec disentangle.md §4.3/§10.3);
 - ours: length-grouped batches of 8 padded only to their longest row, gradient accumulation 2
   (``memreason.train``).
 
@@ -17,6 +18,7 @@ allocation (GPU).
 
     .venv/bin/python benchmarks/train_throughput.py                # 64 examples = 4 optimiser steps per arm, 3 repeats
     .venv/bin/python benchmarks/train_throughput.py --batch-size 16 --repeats 5
+    .venv/bin/python benchmarks/train_throughput.py --official-padding none   # bs 1 without padding
 """
 
 from __future__ import annotations
@@ -130,6 +132,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per arm, alternating order; medians reported")
     parser.add_argument("--batch-size", type=int, default=8, help="our per-step batch (accumulation fills up to 16)")
     parser.add_argument("--order", choices=["official-first", "ours-first"], default="official-first")
+    parser.add_argument("--official-padding", choices=["max", "none"], default="max",
+                        help="pad the official-style rows to the longest example (max, the issue's baseline) or "
+                             "not at all (none: what the original's collator does at batch size 1)")
     parser.add_argument("--out", default="/tmp/memreason-train-throughput")
     args = parser.parse_args()
 
@@ -167,9 +172,10 @@ def main() -> None:
     torch.manual_seed(0)
     initial = make_model().state_dict()
 
+    padded = args.official_padding == "max"
     arms = {
-        "official-style (bs 1 x accum 16, padded to max length)":
-            dict(batch_size=1, grad_accum=16, pad_to=max_len, group=False),
+        f"official-style (bs 1 x accum 16, {'padded to max length' if padded else 'unpadded'})":
+            dict(batch_size=1, grad_accum=16, pad_to=max_len if padded else None, group=False),
         f"memreason (length-grouped bs {args.batch_size} x accum {16 // args.batch_size})":
             dict(batch_size=args.batch_size, grad_accum=16 // args.batch_size, pad_to=None, group=True),
     }

@@ -40,11 +40,21 @@ def _eval_args(model, out, limit, batch_size, shots):
 
 
 def _pick_examples(rows: list[dict], k: int = 3) -> list[dict]:
-    """Answers worth showing: parsed, with both memory and reason steps; correct ones first."""
-    good = [r for r in rows if r["n_memory"] and r["n_reason"] and r["predicted"] is not None]
-    good.sort(key=lambda r: (r["outcome"] != "correct", -len(r["steps"])))
-    rest = [r for r in rows if r not in good]
-    return (good + rest)[:k]
+    """Answers worth showing: parsed, with both memory and reason steps, correct ones first.
+
+    Among those, traces whose steps are distinct and whole sentences come first: a 135M model sometimes
+    repeats a step or emits a stray marker mid-sentence, and the table already counts those answers.
+    Ties keep the file's order, so the choice is deterministic.
+    """
+    def rank(row: dict) -> tuple:
+        texts = [step["text"] for step in row["steps"]]
+        well_formed = len(set(texts)) == len(texts) and all(len(t.split()) >= 3 for t in texts)
+        return row["outcome"] != "correct", not well_formed
+
+    shown = [r for r in rows if r["n_memory"] and r["n_reason"] and r["predicted"] is not None]
+    shown.sort(key=rank)
+    rest = [r for r in rows if r not in shown]
+    return (shown + rest)[:k]
 
 
 def run(args) -> int:
@@ -76,7 +86,7 @@ def run(args) -> int:
                                          summary_row("memory/reason tokens (ours)", trained)]))
     print(f"\ntrained right where base wrong: {len(paired['gained'])}; base right where trained wrong: "
           f"{len(paired['lost'])}; exact McNemar p = {paired['p_mcnemar']:.3f} (n = {paired['n']})")
-    print("\nThree answers from the trained model:\n")
+    print("\nThree answers from the trained model (every answer is in the trained results file):\n")
     for row in _pick_examples(trained_rows):
         print(format_row(row) + "\n")
     minutes = (time.perf_counter() - start) / 60
