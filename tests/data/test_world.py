@@ -44,7 +44,7 @@ def test_every_relation_is_a_total_function_between_the_declared_types(world):
 
 def test_default_world_has_the_documented_size_and_all_forms_and_hops(world):
     assert 80 <= len(world.facts) <= 120
-    assert {s: len(world.questions[s]) for s in SPLITS} == {"train": 150, "test": 60, "test_heldout": 40}
+    assert {s: len(world.questions[s]) for s in SPLITS} == {"train": 150, "test": 40, "test_heldout": 30}
     train = world.questions["train"]
     assert {t.meta["form"] for t in train} == set(FORMS)
     assert {len(t.meta["path"]) for t in train} == {2, 3}

@@ -120,8 +120,8 @@ class WorldConfig:
     min_hops: int = 2
     max_hops: int = 3
     n_train: int = 150
-    n_test: int = 60
-    n_heldout: int = 40
+    n_test: int = 40
+    n_heldout: int = 30
     heldout_pairs: str = "based_in>located_in"
 
     def __post_init__(self):
