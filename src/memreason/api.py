@@ -73,7 +73,7 @@ def load(run_or_model: str | Path | None = None, *, task: str | None = None, dty
     from memreason.model.runs import is_run_dir, load_run
 
     if run_or_model is not None and is_run_dir(run_or_model):
-        model, tokenizer, info = load_run(run_or_model, dtype=dtype, device=device)
+        model, tokenizer, info = load_run(run_or_model, dtype=dtype, device=device, merge=True)
         return Reasoner(model, tokenizer, get_task(task or info.task), info.scheme, info.prompt_style,
                         name=str(run_or_model), max_new_tokens=max_new_tokens)
     model, tokenizer = load_model(run_or_model, dtype=dtype, device=device)

@@ -59,6 +59,17 @@ def test_loaded_model_is_a_peft_model_in_eval_mode(run):
     assert isinstance(model, PeftModel) and not model.training
 
 
+def test_merged_run_computes_what_the_adapter_computes(run):
+    from peft import PeftModel
+
+    adapter, _, info = load_run(run, device="cpu")
+    merged, _, _ = load_run(run, device="cpu", merge=True)
+    assert not isinstance(merged, PeftModel) and not merged.training
+    ids = torch.tensor([[5, 6, info.token_ids[0], info.token_ids[-1], 7]])  # control-token rows included
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_each_checkpoint_loads_its_own_weights(run):
     best, _, best_info = load_run(run, device="cpu", checkpoint="best")
     same, _, same_info = load_run(run, device="cpu", checkpoint=f"checkpoint-{best_info.step}")

@@ -100,7 +100,7 @@ def _weights_dir(run_dir: Path, data: dict, checkpoint: str) -> tuple[Path, dict
     return path, {"step": int(step)} if step.isdigit() else {}
 
 
-def load_run(run_dir, *, dtype="auto", device="auto", checkpoint: str = "best"):
+def load_run(run_dir, *, dtype="auto", device="auto", checkpoint: str = "best", merge: bool = False):
     """Load a trained run, ready for ``generate``.
 
     Args:
@@ -108,9 +108,12 @@ def load_run(run_dir, *, dtype="auto", device="auto", checkpoint: str = "best"):
         dtype (str | torch.dtype, default "auto"), device (str, default "auto"): as in ``memreason.model.load``.
         checkpoint (str, default "best"): ``best`` (highest validation accuracy), ``last``, or
             ``checkpoint-N`` from ``checkpoints/``.
+        merge (bool, default False): fold the adapter into the base weights (inference only). Unmerged,
+            PEFT rebuilds the whole embedding matrix on every forward to splice in the new token rows,
+            which dominates the cost of a decode step on a small model.
 
     Returns:
-        (model, tokenizer, RunInfo): a ``PeftModel`` (a plain model for ``mode: full``) in eval mode on
+        (model, tokenizer, RunInfo): a ``PeftModel`` (a plain model for ``mode: full`` or ``merge=True``) in eval mode on
         ``device``, the run's tokenizer (with the control tokens), and what the run is.
 
     Raises:
@@ -164,6 +167,8 @@ def load_run(run_dir, *, dtype="auto", device="auto", checkpoint: str = "best"):
             model = PeftModel.from_pretrained(base, weights)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelLoadError(f"cannot apply the adapter in {weights}: {exc}") from None
+        if merge:
+            model = model.merge_and_unload()
         model.to(device)
     model.eval()
     if hasattr(model, "config"):
