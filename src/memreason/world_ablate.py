@@ -279,7 +279,8 @@ def judge_split(judge, split_dir: Path) -> dict:
     from memreason.evaluate import read_results
 
     rows = read_results(split_dir / "results.jsonl")
-    verdicts = judge_rows(select_rows(rows, ERRORS), judge, ERRORS, split_dir / "errors_world.jsonl")
+    # verdicts are cheap and derived: recomputed on every call, so a changed judge never leaves stale ones
+    verdicts = judge_rows(select_rows(rows, ERRORS), judge, ERRORS, split_dir / "errors_world.jsonl", overwrite=True)
     ok = [v for v in verdicts if v["status"] == OK]
     memory_steps = true_steps = 0
     for row in rows:

@@ -186,3 +186,24 @@ def test_inspect_errors_cli_runs_the_world_judge_beside_the_generic_exact_judge(
     assert (world_summary["memory"]["count"], world_summary["reason"]["count"]) == (1, 1)
     # the generic exact judge reads the same world's fact table and agrees on both rows
     assert summary["agreement"]["exact vs world"]["agreement"]["share"] == 1.0
+
+
+def test_a_chain_stated_as_one_recall_is_a_composite_memory_step_judged_against_the_world(world, judge):
+    trace = _first(world, "choice")
+    subject, path = trace.meta["subjects"][0], trace.meta["path"]
+    truth = world.facts[trace.meta["step_facts"][len(path) - 1][0]].object
+    chain = trace.steps[len(path)].text[len("So "):]                      # "the <chain> of X is Y."
+    composite = chain[0].upper() + chain[1:]
+    assert judge.check_composite(composite).status == TRUE
+    false = composite.replace(truth, _other(world, truth))
+    assert judge.check_composite(false).status == FALSE
+    # unlabelled, it is still judged: a memory error, where it used to be unreadable
+    row = _wrong(trace, {0: false})
+    for step in row["steps"]:
+        step["kind"] = "step"
+    assert (judge.attribute_error(row).source, judge.attribute_error(row).first_faulty) == (MEMORY, 0)
+    # a chain step may build on a stated composite recall instead of the single hops
+    row = gold_row(trace)
+    row["steps"] = [{"kind": "memory", "text": composite}] + row["steps"][len(path):]
+    assert judge.answer_follows(row)
+    assert subject in composite

@@ -16,6 +16,9 @@ its content, whatever its label says:
   is C, so yes."``, ``"Y is option B."``, ``"Y and Z differ, so no."``) is valid when it uses the
   conclusions of the chain steps before it and decides correctly against the question's candidate or
   options;
+* a step stating a whole chain without deriving it (``"The <chain> of <X> is <Y>."``, no ``"So"``) is a
+  **memory** step too: a composite recall, true when the chain leads from X to Y in the world. Models write
+  these on compositions they were not trained on, instead of recalling each hop;
 * a step matching no wording cannot be checked: it is faulty, and its source is its label (an unlabelled
   one makes the row not judgeable).
 
@@ -49,6 +52,7 @@ def _template_regex(template: str) -> re.Pattern:
 _MEMORY_PATTERNS = [(name, _template_regex(t)) for name, r in RELATIONS.items() for t in r.templates]
 _NOUNS = {r.noun: name for name, r in RELATIONS.items()}
 _CHAIN = re.compile(r"^So the (?P<mid>.+) is (?P<o>.+?)\.?$")
+_COMPOSITE = re.compile(r"^The (?P<mid>.+) is (?P<o>.+?)\.?$")
 _YES_NO = re.compile(r"^(?P<o>.+?) is (?P<neg>not )?(?P<c>.+), so (?P<ans>yes|no)\.?$", re.IGNORECASE)
 _CHOICE = re.compile(r"^(?P<o>.+?) is option (?P<letter>[A-Z])\.?$")
 _SAME = re.compile(r"^(?P<o1>.+?) and (?P<o2>.+?) (?P<rel>are the same, so yes|differ, so no)\.?$", re.IGNORECASE)
@@ -64,7 +68,8 @@ class StepCheck:
             ``unparsed`` when no wording matched.
         detail (str): why, in a few words.
         fact_id (str | None): the world fact a true memory step states.
-        triple (tuple | None): ``(relation, subject, object)`` a memory step states, true or not.
+        claim (tuple | None): ``(path, subject, object)`` a memory step states, true or not (``path`` has one
+            relation for a fact, several for a composite recall).
         decision (str | None): the answer a valid decision step decides (``Yes``, ``No``, ``B``).
     """
 
@@ -72,7 +77,7 @@ class StepCheck:
     status: str
     detail: str = ""
     fact_id: str | None = None
-    triple: tuple[str, str, str] | None = None
+    claim: tuple[tuple[str, ...], str, str] | None = None
     decision: str | None = None
 
     @property
@@ -133,15 +138,36 @@ class WorldJudge:
             return None
         # several wordings can match one sentence; trust the reading whose names are entities
         found.sort(key=lambda x: -((x[1] in self.entities) + (x[2] in self.entities)))
-        triple = relation, subject, obj = found[0]
+        relation, subject, obj = found[0]
+        claim = ((relation,), subject, obj)
         unknown = [n for n in (subject, obj) if n not in self.entities]
         if unknown:
-            return StepCheck(MEMORY, UNKNOWN_ENTITY, f"{unknown[0]!r} is not an entity of the world", triple=triple)
+            return StepCheck(MEMORY, UNKNOWN_ENTITY, f"{unknown[0]!r} is not an entity of the world", claim=claim)
         fact = self.facts.get((relation, subject))
         if fact is not None and fact["object"] == obj:
-            return StepCheck(MEMORY, TRUE, f"{relation}({subject}) = {obj}", fact["id"], triple)
+            return StepCheck(MEMORY, TRUE, f"{relation}({subject}) = {obj}", fact["id"], claim)
         truth = fact["object"] if fact else "nothing (wrong entity type)"
-        return StepCheck(MEMORY, FALSE, f"{relation}({subject}) is {truth}, not {obj}", triple=triple)
+        return StepCheck(MEMORY, FALSE, f"{relation}({subject}) is {truth}, not {obj}", claim=claim)
+
+    def check_composite(self, text: str) -> StepCheck | None:
+        """The verdict on a composite recall (a whole chain stated as one fact), or None when it is not one."""
+        parsed = _parse_chain(_COMPOSITE.match(_clean(text)))
+        if parsed is None:
+            return None
+        path, subject, obj = parsed
+        claim = (path, subject, obj)
+        unknown = [n for n in (subject, obj) if n not in self.entities]
+        if unknown:
+            return StepCheck(MEMORY, UNKNOWN_ENTITY, f"{unknown[0]!r} is not an entity of the world", claim=claim)
+        current = subject
+        for relation in path:
+            fact = self.facts.get((relation, current))
+            if fact is None:
+                return StepCheck(MEMORY, FALSE, f"{relation}({current}) does not exist (wrong entity type)", claim=claim)
+            current = fact["object"]
+        if current != obj:
+            return StepCheck(MEMORY, FALSE, f"composite recall: the chain leads to {current}, not {obj}", claim=claim)
+        return StepCheck(MEMORY, TRUE, f"composite recall: {subject} → {obj}", claim=claim)
 
     def check_steps(self, row: dict) -> list[StepCheck]:
         """Check every step of a result row in order (see the module docstring).
@@ -152,15 +178,19 @@ class WorldJudge:
         meta = self.questions.get(row.get("id"))
         if meta is None:
             raise NotApplicable("the question is not in this world")
-        stated: dict[tuple[str, str], str] = {}   # (relation, subject) -> object, as the steps say
-        concluded: dict[str, str] = {}            # subject -> chain conclusion, as the steps say
+        stated: dict[tuple, str] = {}     # (path, subject) -> object, as the memory steps say
+        concluded: dict[str, str] = {}    # subject -> chain conclusion, as the steps say
         checks = []
         for step in row.get("steps") or []:
             text = _clean(step.get("text", ""))
             memory = self.check_memory(text)
+            if memory is None or memory.status == UNKNOWN_ENTITY:
+                # "The birthplace of the mentor of X is Y." reads as a born_in fact about an unknown entity
+                # "the mentor of X"; it is a composite recall when the chain parses
+                memory = self.check_composite(text) or memory
             if memory is not None:
-                relation, subject, obj = memory.triple
-                stated[(relation, subject)] = obj
+                path, subject, obj = memory.claim
+                stated[(path, subject)] = obj
                 checks.append(memory)
                 continue
             checks.append(self._check_reason(text, meta, stated, concluded))
@@ -169,22 +199,21 @@ class WorldJudge:
     def _check_reason(self, text: str, meta: dict, stated: dict, concluded: dict) -> StepCheck:
         path, subjects, form = tuple(meta["path"]), meta["subjects"], meta["form"]
         if (m := _CHAIN.match(text)) and " of " in m.group("mid"):
-            *nouns, last = m.group("mid").split(" of the ")
-            noun, _, subject = last.partition(" of ")
-            nouns.append(noun)
-            if any(n not in _NOUNS for n in nouns):
+            parsed = _parse_chain(m, min_hops=1)
+            if parsed is None:
                 return StepCheck(REASON, INVALID, f"unknown relation in chain {m.group('mid')!r}")
-            chain = tuple(_NOUNS[n] for n in reversed(nouns))
+            chain, subject, obj = parsed
             if chain != path or subject not in subjects:
                 return StepCheck(REASON, INVALID, "derives a different chain or subject than the question asks")
-            current = subject
-            for relation in chain:
-                if (relation, current) not in stated:
-                    return StepCheck(REASON, INVALID, f"no earlier step states {relation}({current})")
-                current = stated[(relation, current)]
-            concluded[subject] = m.group("o")
-            if current != m.group("o"):
-                return StepCheck(REASON, INVALID, f"the stated facts lead to {current}, not {m.group('o')}")
+            concluded[subject] = obj
+            current, i = subject, 0
+            while i < len(chain):  # hop by stated facts, or by a stated composite recall of several hops
+                j = next((j for j in range(len(chain), i, -1) if (chain[i:j], current) in stated), None)
+                if j is None:
+                    return StepCheck(REASON, INVALID, f"no earlier step states {chain[i]}({current})")
+                current, i = stated[(chain[i:j], current)], j
+            if current != obj:
+                return StepCheck(REASON, INVALID, f"the stated facts lead to {current}, not {obj}")
             return StepCheck(REASON, VALID, f"follows: {subject} → {current}")
         if form == "comparison" and (m := _SAME.match(text)):
             if [m.group("o1"), m.group("o2")] != [concluded.get(s) for s in subjects]:
@@ -262,6 +291,19 @@ class WorldJudge:
         decoupled = tuple(None if s.get("kind") not in (MEMORY, REASON)
                           else (c.type == s["kind"]) for s, c in zip(row["steps"], checks))
         return DecouplingVerdict(forms, decoupled, tuple((c.fact_id, 1.0) if c.fact_id else None for c in checks))
+
+
+def _parse_chain(match: re.Match | None, min_hops: int = 2) -> tuple[tuple[str, ...], str, str] | None:
+    """``(path, subject, object)`` from a match with groups ``mid`` ("country of the base of X") and ``o``;
+    None when a noun is not a relation's or the chain is shorter than ``min_hops``."""
+    if match is None or " of " not in match.group("mid"):
+        return None
+    *nouns, last = match.group("mid").split(" of the ")
+    noun, _, subject = last.partition(" of ")
+    nouns.append(noun)
+    if any(n not in _NOUNS for n in nouns) or len(nouns) < min_hops:
+        return None
+    return tuple(_NOUNS[n] for n in reversed(nouns)), subject, match.group("o")
 
 
 def _decision(checks: list[StepCheck]) -> str | None:
