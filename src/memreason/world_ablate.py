@@ -70,7 +70,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
 
 @dataclass(frozen=True)
 class AblateConfig:
-    """Everything an ablation run depends on; the defaults fit about half an hour on a 2-core CPU.
+    """Everything an ablation run depends on. The defaults took 40 min on one thread of a shared 2-core CPU
+    with SmolLM2-135M (benchmarks/RESULTS.md); fewer reasoning steps left the marker arms unparseable.
 
     Args:
         world (WorldConfig): the world's knobs (``world.<key>=...`` on the command line).
