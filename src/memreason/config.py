@@ -273,16 +273,10 @@ def _build(cls, data: Any, prefix: str, from_text: bool = False):
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key {full!r}{hint}; known keys here: {', '.join(names)}")
-        tp = hints[key]
+        tp = _field_type(cls, key, prefix)
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{full}.", from_text)
         else:
@@ -293,6 +287,16 @@ def _build(cls, data: Any, prefix: str, from_text: bool = False):
         if not prefix:
             raise
         raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from None
+
+
+def _field_type(cls, key, prefix: str):
+    """The declared type of field ``key`` of ``cls``; an unknown key is an error naming the closest one."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    if key not in names:
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}; known keys here: {', '.join(names)}")
+    return typing.get_type_hints(cls)[key]
 
 
 def config_to_dict(cfg) -> dict:
@@ -458,16 +462,10 @@ def _merge_overrides(base: dict, overrides: dict) -> TrainConfig:
 
 
 def _build_partial(cls, data: dict, prefix: str) -> dict:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     out = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key {full!r}{hint}; known keys here: {', '.join(names)}")
-        tp = hints[key]
+        tp = _field_type(cls, key, prefix)
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full} is a section; set one of its keys, e.g. {full}.{dataclasses.fields(tp)[0].name}=...")
