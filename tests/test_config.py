@@ -93,3 +93,54 @@ def test_build_config_accepts_a_partial_dict_and_fills_defaults():
     cfg = build_config({"optim": {"epochs": 1}})
     assert isinstance(cfg, TrainConfig) and cfg.optim.epochs == 1.0 and cfg.optim.batch_size == 8
     assert config_to_dict(cfg)["scheme"] == {"style": "paper", "n_prefix": 3, "n_special": 4}
+
+
+def test_every_config_problem_is_listed_at_once(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["optim.lr=nan", "optim.batch_size=0", "nosuch=1", "lora.r=x"])
+    message = str(info.value)
+    assert "config errors" in message
+    for part in ("optim.lr: expected a finite number", "unknown config key 'nosuch'", "lora.r: expected an integer"):
+        assert part in message
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "[]\n", "false\n"])
+def test_an_empty_or_non_mapping_config_file_is_an_error_not_the_defaults(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="empty|expected a mapping"):
+        load_config(path)
+
+
+def test_yaml_syntax_errors_keep_their_line_and_column(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-4\n  epochs: [1\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+, column \d+"):
+        load_config(path)
+
+
+def test_defaults_include_lets_a_variant_state_only_its_difference(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 1.0e-3\n  epochs: 2\noutput_dir: runs/base\n")
+    (tmp_path / "variant.yaml").write_text("defaults: base.yaml\noptim:\n  epochs: 1\n")
+    cfg = load_config(tmp_path / "variant.yaml", ["output_dir=runs/v"], check_data=False)
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.output_dir) == (1e-3, 1, "runs/v")
+    (tmp_path / "loop.yaml").write_text("defaults: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_load_settings_builds_any_settings_dataclass_with_list_overrides():
+    from dataclasses import dataclass, field
+
+    from memreason.config import load_settings
+
+    @dataclass
+    class Sweep:
+        layers: list[int] = field(default_factory=lambda: [1, 2])
+        tau: float = 1.0
+        name: str | None = None
+
+    sweep = load_settings(Sweep, None, ["layers=[3, 5]", "tau=2", "name=null"])
+    assert (sweep.layers, sweep.tau, sweep.name) == ([3, 5], 2.0, None)
+    with pytest.raises(ConfigError, match=r"layers\[1\]: expected an integer"):
+        load_settings(Sweep, None, ["layers=[3, x]"])

@@ -33,12 +33,12 @@ def _traces(n):
 ])
 def test_score_row_uses_the_task_registry_strictly(text, predicted, outcome):
     row = score_row(Trace("q?", (), "True", {"id": "a"}), [text], [5], TASK, _settings())
-    assert (row["predicted"], row["outcome"]) == (predicted, outcome)
+    assert (row.predicted, row.outcome) == (predicted, outcome)
 
 
 def test_score_row_parses_steps_and_counts_markers():
     text = "<memory> Ice is less dense than water.\n<reason> Less dense floats.\n<answer> The answer is: True"
-    row = score_row(Trace("q?", (), "True", {"id": "a"}), [text], [17], TASK, _settings())
+    row = score_row(Trace("q?", (), "True", {"id": "a"}), [text], [17], TASK, _settings()).to_dict()
     assert row["steps"] == [{"kind": "memory", "text": "Ice is less dense than water."},
                             {"kind": "reason", "text": "Less dense floats."}]
     assert (row["n_memory"], row["n_reason"], row["marker_tokens"]) == (1, 1, 3)
@@ -47,7 +47,7 @@ def test_score_row_parses_steps_and_counts_markers():
 def test_majority_vote_over_samples():
     texts = ["The answer is: False", "The answer is: True", "junk", "The answer is: True"]
     row = score_row(Trace("q?", (), "True", {"id": "a"}), texts, [1, 1, 1, 1], TASK, _settings(samples=4))
-    assert row["predicted"] == "True" and row["outcome"] == "correct" and len(row["samples"]) == 4
+    assert row.predicted == "True" and row.outcome == "correct" and len(row.samples) == 4
 
 
 def test_summary_has_n_ci_and_unparseable():
@@ -59,21 +59,51 @@ def test_summary_has_n_ci_and_unparseable():
     assert low < 0.5 < high and summary["seed"] == 0
 
 
-def test_torn_last_line_is_dropped_and_earlier_corruption_is_an_error(tmp_path):
+def _line(qid):
+    return json.dumps({"id": qid, "question": "q?", "outcome": "correct", "steps": []})
+
+
+def test_reading_skips_a_torn_last_line_without_touching_the_file_and_earlier_corruption_is_an_error(tmp_path):
     path = tmp_path / "results.jsonl"
-    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "que')
-    assert [r["id"] for r in read_results(path)] == ["a", "b"]
-    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
-    path.write_text('{"id": "a"}\n{broken\n{"id": "c"}\n')
-    with pytest.raises(DataError, match="corrupt line 2"):
+    path.write_text(f'{_line("a")}\n{_line("b")}\n{{"id": "c", "que')
+    before = path.read_bytes()
+    assert [r.id for r in read_results(path)] == ["a", "b"]
+    assert path.read_bytes() == before                      # a read never writes
+    path.write_text(f'{_line("a")}\n{{broken\n{_line("c")}\n')
+    with pytest.raises(DataError, match="results.jsonl:2 is not a JSON line"):
         read_results(path)
+
+
+def test_rows_that_are_not_results_fail_naming_the_row_and_an_unknown_schema_names_itself(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"note": "hello"}\n')
+    with pytest.raises(DataError, match="row 1: not a memreason results row: missing id, question, outcome"):
+        read_results(path)
+    path.write_text(json.dumps({"schema": "memreason-result/9", "id": "a", "question": "q", "outcome": "x"}) + "\n")
+    with pytest.raises(DataError, match="memreason-result/9"):
+        read_results(path)
+
+
+def test_a_results_row_written_before_the_schema_version_still_loads(tmp_path):
+    legacy = {"id": "q1", "question": "Is ice cold?", "gold": "True", "predicted": "True", "outcome": "correct",
+              "steps": [{"kind": "memory", "text": "Ice is frozen water."}, {"kind": "reason", "text": "So yes."}],
+              "raw": "<memory> Ice is frozen water.\n<reason> So yes.\nThe answer is: True", "n_tokens": 14,
+              "n_memory": 1, "n_reason": 1, "marker_tokens": 2, "task": "strategyqa", "task_version": 1,
+              "seed": 0, "config": "abc"}
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps(legacy) + "\n")
+    (result,) = read_results(path)
+    assert result.prompt is None and result.trace.count("memory") == 1 and result.predicted == "True"
+    again = result.to_dict()
+    assert again["schema"] == "memreason-result/2"
+    assert {k: again[k] for k in legacy} == legacy
 
 
 def test_evaluate_resumes_without_duplicates_and_refuses_other_settings(tmp_path, tiny_model, tiny_tokenizer):
     traces = _traces(5)
     evaluate(tiny_model, tiny_tokenizer, traces[:3], TASK, _settings(), tmp_path, batch_size=2)
     summary = evaluate(tiny_model, tiny_tokenizer, traces, TASK, _settings(), tmp_path, batch_size=2)
-    ids = [r["id"] for r in read_results(tmp_path / "results.jsonl")]
+    ids = [r.id for r in read_results(tmp_path / "results.jsonl")]
     assert sorted(ids) == [f"q{i}" for i in range(5)] and summary["n"] == 5
     with pytest.raises(ConfigError, match="different settings"):
         evaluate(tiny_model, tiny_tokenizer, traces, TASK, _settings(seed=1), tmp_path)
@@ -137,5 +167,36 @@ def test_smollm2_eval_writes_rows_and_summary(tmp_path, smollm2):
     summary = evaluate(model, tokenizer, traces[:4], TASK, settings, tmp_path, batch_size=4)
     rows = read_results(tmp_path / "results.jsonl")
     assert summary["n"] == 4 == len(rows)
-    assert all(r["outcome"] in ("correct", "wrong", "unparseable") and r["raw"] for r in rows)
-    assert all("<|im_start|>" not in r["raw"] and "Question:" not in r["raw"][:9] for r in rows)
+    assert all(r.outcome in ("correct", "wrong", "unparseable") and r.raw for r in rows)
+    assert all("<|im_start|>" not in r.raw and "Question:" not in r.raw[:9] for r in rows)
+    assert all(r.prompt and r.prompt.endswith("<|im_start|>assistant\n") for r in rows)
+
+
+def _result(qid, outcome):
+    from memreason.traces import Result
+    return Result.from_dict({"id": qid, "question": f"{qid}?", "outcome": outcome})
+
+
+def test_compare_pairs_by_id_counts_flips_and_says_what_it_could_not_pair():
+    from memreason.evaluate import compare
+
+    a = [_result("1", "correct"), _result("2", "wrong"), _result("3", "wrong"), _result("4", "correct")]
+    b = [_result("2", "correct"), _result("3", "correct"), _result("4", "unparseable"), _result("5", "correct")]
+    result = compare(a, b)
+    assert (result.n, result.only_a, result.only_b) == (3, 1, 1)
+    assert [r.id for r in result.gained] == ["2", "3"] and [r.id for r in result.lost] == ["4"]
+    assert result.acc_a == pytest.approx(1 / 3) and result.acc_b == pytest.approx(2 / 3)
+    assert result.p_mcnemar == pytest.approx(1.0)
+
+
+def test_compare_refuses_disjoint_evaluations_rows_without_ids_and_duplicate_ids():
+    from memreason.evaluate import compare
+    from memreason.traces import Result
+
+    with pytest.raises(DataError, match="no question in common"):
+        compare([_result("1", "correct")], [_result("2", "correct")])
+    anonymous = Result.from_dict({"id": None, "question": "q", "outcome": "correct"})
+    with pytest.raises(DataError, match="have no question id"):
+        compare([anonymous], [_result("1", "correct")])
+    with pytest.raises(DataError, match="appears twice"):
+        compare([_result("1", "correct"), _result("1", "wrong")], [_result("1", "correct")])

@@ -2,8 +2,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memreason.generate import _RowStopper, answer_complete, generate_texts, truncate_at_answer
-from memreason.tasks import get_task
+from memreason.generate import _RowStopper, answer_complete, generate_texts
+from memreason.tasks import ANSWER_MARKER, get_task
+
+
+def truncate_at_answer(text: str) -> str:
+    """Test oracle: the text up to the end of its first complete answer line (all of it if none)."""
+    position = text.find(ANSWER_MARKER)
+    while position >= 0:
+        start = position + len(ANSWER_MARKER)
+        line, newline, _ = text[start:].partition("\n")
+        if not newline:
+            return text
+        if line.strip():
+            return text[:start + len(line)]
+        position = text.find(ANSWER_MARKER, start)
+    return text
 
 PROMPTS = ["Question: Is ice lighter than water?\n", "Question: Paris?\n", "Options: A.bank B.library\n",
            "The capital of France is", "memory reason answer"]

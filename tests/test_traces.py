@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memreason.traces import (MEMORY, REASON, TAG_TABLE, Step, Trace, UnknownTagError, format_tagged_step,
+from memreason.traces import (MEMORY, REASON, TAG_TABLE, Step, Trace, UnknownTagError,
                               normalise_kind, parse_tagged_step)
 
 EXPECTED = {"rag": MEMORY, "memory": MEMORY, "knowledge": MEMORY, "factual knowledge": MEMORY, "fact": MEMORY,
@@ -47,7 +47,7 @@ texts = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters
 
 @given(kind=st.sampled_from([MEMORY, REASON]), text=texts)
 def test_tagged_step_format_parse_round_trip(kind, text):
-    tag, parsed = parse_tagged_step(format_tagged_step(Step(kind, text)))
+    tag, parsed = parse_tagged_step(f"[{'rag' if kind == MEMORY else 'reason'}]: {text}")
     assert Step(normalise_kind(tag), parsed) == Step(kind, text)
 
 

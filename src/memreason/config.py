@@ -1,26 +1,33 @@
-"""Training configuration: typed dataclasses, their YAML form, and the loader that checks both.
+"""Typed settings for every verb: one builder from YAML + dotted overrides to a checked dataclass.
 
-A recipe is a YAML file whose keys mirror ``TrainConfig`` (nested sections ``model``, ``data``, ``scheme``,
-``lora``, ``optim``, ``eval``); anything left out takes the default written here. Command-line overrides
-are dotted ``key=value`` pairs applied on top (``optim.lr=1e-4 scheme.n_special=0``). Every key is
-checked: an unknown key, a value of the wrong type or out of range raises one ``ConfigError`` naming the
-key, before any model is loaded (nanoGPT's configurator and torchtune's validation, STYLE.md).
+Any settings dataclass (``TrainConfig`` here, ``EvalSettings``, ``SweepConfig``, ``RebalanceSettings``,
+``AblationConfig``, ...) is built the same way by ``load_settings(cls, path, overrides)``:
+
+* a YAML file whose keys mirror the dataclass (nested dataclass fields are sections); anything left out
+  takes the default written once, on the dataclass;
+* ``defaults: base.yaml`` (or a list) includes other files first, resolved beside the including file, so a
+  variant states only its difference (nanoGPT's presets);
+* dotted ``key=value`` overrides on top, read as the type each key declares;
+* every unknown key, wrong type, non-finite number and range error is collected and raised as one
+  ``ConfigError`` listing them all (torchtune's ``_validate``), before any model is loaded.
 
 Usage::
 
     cfg = load_config("configs/demo.yaml", ["optim.epochs=1", "output_dir=runs/try"])
     save_config(cfg, run_dir / "config.yaml")      # the resolved recipe travels with every run
+    sweep = load_settings(SweepConfig, "configs/inject/sweep.yaml", ["taus=[2,4]"])
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from memreason.errors import ConfigError
 from memreason.model.tokens import TokenScheme
@@ -179,7 +186,19 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# dict <-> dataclass, with a type check per key
+# dict <-> dataclass, with a type check per key; problems are collected, then raised together
+
+
+class _Problems(list):
+    """Config problems found so far (one line each); ``raise_if_any`` turns them into one ConfigError."""
+
+    def raise_if_any(self, source: str | None = None) -> None:
+        if not self:
+            return
+        where = f"{source}: " if source else ""
+        if len(self) == 1:
+            raise ConfigError(f"{where}{self[0]}")
+        raise ConfigError(f"{where}{len(self)} config errors: " + "; ".join(self))
 
 
 def _type_name(tp) -> str:
@@ -188,6 +207,9 @@ def _type_name(tp) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of {_type_name(args[0])}" if args else "a list"
     if tp is type(None):
         return "null"
     if tp is float:
@@ -207,7 +229,8 @@ _NULLS = ("null", "none", "~", "")
 def _coerce(value: Any, tp, key: str, from_text: bool) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in canonical form.
 
-    ``from_text`` is True for command-line overrides, whose values arrive as strings.
+    ``from_text`` is True for command-line overrides, whose values arrive as strings (lists as YAML flow
+    sequences: ``layers=[3,5]``).
 
     Raises:
         ConfigError: naming ``key``, the expected type and the value received.
@@ -232,6 +255,8 @@ def _coerce(value: Any, tp, key: str, from_text: bool) -> Any:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}{hint}")
+    if origin in (list, tuple):
+        return _coerce_sequence(value, tp, key, from_text)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -248,63 +273,130 @@ def _coerce(value: Any, tp, key: str, from_text: bool) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string; accept any float literal
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string; accept any float literal
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         if from_text:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in this module, not user input
 
 
-def _build(cls, data: Any, prefix: str, from_text: bool = False):
-    """Build dataclass ``cls`` from a (possibly partial) mapping, checking every key and value."""
-    if isinstance(data, cls):
-        return data
+def _coerce_sequence(value: Any, tp, key: str, from_text: bool):
+    if from_text and isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value) if value.strip() else []
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: expected {_type_name(tp)} such as [1, 2], got {value!r}") from None
+        if not isinstance(value, list):
+            value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+    items = [_coerce(v, args[0], f"{key}[{i}]", from_text) for i, v in enumerate(value)] if args else list(value)
+    return tuple(items) if typing.get_origin(tp) is tuple else items
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _unknown_key(cls, key, prefix: str) -> str:
+    names = list(_fields(cls))
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return f"unknown config key {prefix + str(key)!r}{hint}; known keys here: {', '.join(names)}"
+
+
+def _check_tree(cls, data: Any, prefix: str, from_text: bool, problems: _Problems) -> dict:
+    """The checked, coerced subset of ``data`` for ``cls``; every problem is appended, none raised."""
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
-    kwargs = {}
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+        return {}
+    fields = _fields(cls)
+    out = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
-        tp = _field_type(cls, key, prefix)
+        if key not in fields:
+            problems.append(_unknown_key(cls, key, prefix))
+            continue
+        tp = fields[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{full}.", from_text)
-        else:
-            kwargs[key] = _coerce(value, tp, full, from_text)
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            if from_text and not isinstance(value, dict):
+                first = dataclasses.fields(tp)[0].name
+                problems.append(f"{full} is a section; set one of its keys, e.g. {full}.{first}=...")
+                continue
+            out[key] = _check_tree(tp, value, f"{full}.", from_text, problems)
+            continue
+        try:
+            out[key] = _coerce(value, tp, full, from_text)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return out
+
+
+def _instantiate(cls, tree: dict, prefix: str, problems: _Problems):
+    """``cls`` from a checked tree; a dataclass that checks itself (``__post_init__``) adds its problem."""
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in tree.items():
+        tp = fields[key]
+        kwargs[key] = _instantiate(tp, value, f"{prefix}{key}.", problems) if dataclasses.is_dataclass(tp) else value
     try:
         return cls(**kwargs)
-    except ConfigError as exc:  # a section that checks itself (TokenScheme): say which section
-        if not prefix:
-            raise
-        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from None
+    except ConfigError as exc:
+        problems.append(f"{prefix.rstrip('.')}: {exc}" if prefix else str(exc))
+    except TypeError as exc:  # a required field without default
+        problems.append(f"{prefix.rstrip('.') or cls.__name__}: {exc}")
+    return None
 
 
-def _field_type(cls, key, prefix: str):
-    """The declared type of field ``key`` of ``cls``; an unknown key is an error naming the closest one."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    if key not in names:
-        close = difflib.get_close_matches(str(key), names, n=1)
-        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-        raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}; known keys here: {', '.join(names)}")
-    return typing.get_type_hints(cls)[key]
+def _build(cls, data: Any, prefix: str = "", from_text: bool = False):
+    """Build dataclass ``cls`` from a (possibly partial) mapping, checking every key and value.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    if isinstance(data, cls):
+        return data
+    problems = _Problems()
+    tree = _check_tree(cls, data, prefix, from_text, problems)
+    problems.raise_if_any()
+    cfg = _instantiate(cls, tree, prefix, problems)
+    problems.raise_if_any()
+    return cfg
 
 
 def config_to_dict(cfg) -> dict:
-    """A plain dict (YAML/JSON-ready) of a config dataclass, nested sections included."""
+    """A plain dict (YAML/JSON-ready) of a settings dataclass, nested sections included."""
     return dataclasses.asdict(cfg)
 
 
-def _set_dotted(tree: dict, dotted: str, value: str) -> None:
+def _set_dotted(tree: dict, dotted: str, value: str, problems: _Problems) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -312,167 +404,10 @@ def _set_dotted(tree: dict, dotted: str, value: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+            problems.append(f"override {dotted!r}: {part!r} is not a section")
+            return
         node = child
     node[parts[-1]] = value
-
-
-def _validate(cfg: TrainConfig, check_data: bool = True) -> None:
-    """Range and cross-field checks that types alone cannot express.
-
-    Raises:
-        ConfigError: the first problem found, naming the key and the fix.
-    """
-    d, o, e, lo = cfg.data, cfg.optim, cfg.eval, cfg.lora
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
-    if d.val_size is not None and d.val_size < 1:
-        raise ConfigError(f"data.val_size must be >= 1 (or null to use data.val_fraction), got {d.val_size}")
-    if d.val_size is None and d.val_fraction == 0:
-        raise ConfigError("data.val_fraction is 0: checkpoints are chosen on a validation split carved from the "
-                          "training data, never on the test split; use e.g. data.val_fraction=0.1")
-    if d.max_length < 8:
-        raise ConfigError(f"data.max_length must be >= 8 tokens, got {d.max_length}")
-    for key, value in (("optim.lr", o.lr), ("optim.epochs", o.epochs)):
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    for key, value in (("optim.batch_size", o.batch_size), ("optim.grad_accum", o.grad_accum),
-                       ("eval.max_new_tokens", e.max_new_tokens), ("eval.batch_size", e.batch_size),
-                       ("lora.r", lo.r), ("lora.alpha", lo.alpha), ("logging_steps", cfg.logging_steps)):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    for key, value in (("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay),
-                       ("optim.max_grad_norm", o.max_grad_norm)):
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    if not 0 <= lo.dropout < 1:
-        raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
-    if o.max_steps is not None and o.max_steps < 1:
-        raise ConfigError(f"optim.max_steps must be >= 1 (or null to train for optim.epochs), got {o.max_steps}")
-    if e.every_steps is not None and e.every_steps < 1:
-        raise ConfigError(f"eval.every_steps must be >= 1 (or null for every epoch), got {e.every_steps}")
-    if e.val_limit is not None and e.val_limit < 1:
-        raise ConfigError(f"eval.val_limit must be >= 1 (or null for the whole validation split), got {e.val_limit}")
-    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
-        raise ConfigError(f"save_total_limit must be >= 1 (or null to keep every checkpoint), got {cfg.save_total_limit}")
-    if not cfg.output_dir.strip():
-        raise ConfigError("output_dir must not be empty")
-    if cfg.mode in ("tokens", "lora+tokens") and not cfg.scheme.tokens():
-        raise ConfigError(f"mode {cfg.mode!r} trains the new control-token rows, but scheme.style "
-                          f"{cfg.scheme.style!r} adds no tokens; use mode=lora (or full) for plain/direct ablations")
-    if d.marker_allocation == "random" and not cfg.scheme.labels_steps:
-        raise ConfigError("data.marker_allocation=random shuffles memory/reason markers, but scheme "
-                          f"{cfg.scheme.style!r} (n_special={cfg.scheme.n_special}) writes no kind markers")
-    if check_data:
-        _check_source(d)
-
-
-def _check_source(d: DataConfig) -> None:
-    """A missing dataset is a config error, found before any model loads."""
-    from memreason.data import BUNDLED
-    from memreason.tasks import get_task
-
-    if d.source.startswith("bundled:"):
-        name = d.source.split(":", 1)[1]
-        if name not in BUNDLED:
-            raise ConfigError(f"data.source: unknown bundled dataset {name!r}; choose one of "
-                              + ", ".join(f"bundled:{n}" for n in BUNDLED))
-    elif d.source.startswith("hf:"):
-        local = d.source[3:].split(":", 1)[0]
-        if local.startswith((".", "/", "~")) and not Path(local).expanduser().exists():
-            raise ConfigError(f"data.source: dataset directory not found: {local}")
-        if d.task is None:
-            raise ConfigError("data.task is required for hf: datasets (strategyqa, commonsenseqa, truthfulqa, freeform)")
-    else:
-        if not Path(d.source).expanduser().is_file():
-            raise ConfigError(f"data.source: dataset file not found: {d.source}")
-        if d.task is None:
-            raise ConfigError("data.task is required for dataset files (strategyqa, commonsenseqa, truthfulqa, freeform)")
-    if d.task is not None:
-        try:
-            get_task(d.task)
-        except KeyError as exc:
-            raise ConfigError(f"data.task: {exc.args[0]}") from None
-
-
-def build_config(data: dict | None = None) -> TrainConfig:
-    """A validated ``TrainConfig`` from a (possibly partial) nested dict.
-
-    Raises:
-        ConfigError: unknown key, wrong type, or a value out of range.
-    """
-    cfg = _build(TrainConfig, data or {}, "")
-    _validate(cfg)
-    return cfg
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
-                check_data: bool = True) -> TrainConfig:
-    """Read a YAML recipe, apply ``key=value`` overrides, and validate the result.
-
-    Args:
-        path: a YAML file, or ``None`` to start from the defaults.
-        overrides: dotted assignments such as ``"optim.lr=1e-4"`` or ``"data.val_size=null"``; values are
-            read as the type the key declares.
-        check_data (bool, default True): also check that ``data.source`` exists. Only for validating a
-            recipe whose dataset lives elsewhere (the paper recipes name the paper's files).
-
-    Returns:
-        TrainConfig
-
-    Raises:
-        ConfigError: missing or unparsable file, unknown key, wrong type, value out of range, missing dataset.
-    """
-    import yaml
-
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (IsADirectoryError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from None
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    # file values are typed YAML; override values are text, coerced to each key's declared type
-    cfg_file = _build(TrainConfig, tree, "")
-    merged = config_to_dict(cfg_file)
-    text_tree: dict = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        _set_dotted(text_tree, key.strip(), value.strip())
-    cfg = _merge_overrides(merged, text_tree)
-    _validate(cfg, check_data)
-    return cfg
-
-
-def _merge_overrides(base: dict, overrides: dict) -> TrainConfig:
-    # Build the override tree alone first (so an unknown key or a bad value names itself), then merge.
-    checked = _build_partial(TrainConfig, overrides, "")
-    _deep_update(base, checked)
-    return _build(TrainConfig, base, "")
-
-
-def _build_partial(cls, data: dict, prefix: str) -> dict:
-    out = {}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        tp = _field_type(cls, key, prefix)
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{full} is a section; set one of its keys, e.g. {full}.{dataclasses.fields(tp)[0].name}=...")
-            out[key] = _build_partial(tp, value, f"{full}.")
-        else:
-            out[key] = _coerce(value, tp, full, from_text=True)
-    return out
 
 
 def _deep_update(base: dict, updates: dict) -> None:
@@ -483,8 +418,203 @@ def _deep_update(base: dict, updates: dict) -> None:
             base[key] = value
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable again with ``load_config``)."""
+def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping in a YAML settings file, with its ``defaults:`` includes merged in first.
+
+    Raises:
+        ConfigError: missing, unreadable, empty or not a mapping, invalid YAML (with line and column), or
+            an include cycle.
+    """
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'defaults' includes form a cycle ({' -> '.join(str(p) for p in _seen)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path} is a directory; give a YAML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    if tree is None:
+        raise ConfigError(f"config file {path} is empty; set at least one key (or leave out --config)")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(tree).__name__}")
+    includes = tree.pop("defaults", None)
+    if includes is None:
+        return tree
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: 'defaults' must be a file name or a list of file names")
+    merged: dict = {}
+    for include in includes:
+        _deep_update(merged, read_yaml_tree(path.parent / include, _seen + (path.resolve(),)))
+    _deep_update(merged, tree)
+    return merged
+
+
+def load_settings(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                  validate: Callable[[Any], list[str]] | None = None, base: dict | None = None):
+    """A checked ``cls`` from a YAML file, dotted overrides and the dataclass's defaults.
+
+    Args:
+        cls: a settings dataclass (nested dataclass fields are sections).
+        path: a YAML file (``defaults:`` includes allowed), or ``None`` for the defaults.
+        overrides: ``"key=value"`` strings (``"optim.lr=1e-4"``, ``"layers=[3,5]"``, ``"val_size=null"``).
+        validate: range and cross-field checks that return a list of problems (empty when fine).
+        base: values applied before the file (a verb's own defaults for its flags).
+
+    Raises:
+        ConfigError: every problem at once: file, YAML, unknown keys, types, non-finite numbers, ranges.
+    """
+    problems = _Problems()
+    tree: dict = dict(base or {})
+    if path is not None:
+        _deep_update(tree, _check_tree(cls, read_yaml_tree(path), "", False, problems))
+    text_tree: dict = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r} is not of the form key=value")
+            continue
+        _set_dotted(text_tree, key.strip(), value.strip(), problems)
+    _deep_update(tree, _check_tree(cls, text_tree, "", True, problems))
+    problems.raise_if_any()
+    cfg = _instantiate(cls, tree, "", problems)
+    problems.raise_if_any()
+    if validate is not None:
+        problems.extend(validate(cfg))
+    problems.raise_if_any()
+    return cfg
+
+
+def save_settings(cfg, path: str | Path) -> None:
+    """Write resolved settings as YAML (loadable again with ``load_settings``)."""
+    import yaml
+
+    from memreason.io import atomic_write
+
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TrainConfig: range and cross-field checks, loading
+
+
+def _validate(cfg: TrainConfig, check_data: bool = True) -> list[str]:
+    """Range and cross-field checks that types alone cannot express; every problem, naming key and fix."""
+    d, o, e, lo = cfg.data, cfg.optim, cfg.eval, cfg.lora
+    problems = []
+    if not 0 <= d.val_fraction < 1:
+        problems.append(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.val_size is not None and d.val_size < 1:
+        problems.append(f"data.val_size must be >= 1 (or null to use data.val_fraction), got {d.val_size}")
+    if d.val_size is None and d.val_fraction == 0:
+        problems.append("data.val_fraction is 0: checkpoints are chosen on a validation split carved from the "
+                        "training data, never on the test split; use e.g. data.val_fraction=0.1")
+    if d.max_length < 8:
+        problems.append(f"data.max_length must be >= 8 tokens, got {d.max_length}")
+    for key, value in (("optim.lr", o.lr), ("optim.epochs", o.epochs)):
+        if value <= 0:
+            problems.append(f"{key} must be > 0, got {value}")
+    for key, value in (("optim.batch_size", o.batch_size), ("optim.grad_accum", o.grad_accum),
+                       ("eval.max_new_tokens", e.max_new_tokens), ("eval.batch_size", e.batch_size),
+                       ("lora.r", lo.r), ("lora.alpha", lo.alpha), ("logging_steps", cfg.logging_steps)):
+        if value < 1:
+            problems.append(f"{key} must be >= 1, got {value}")
+    for key, value in (("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay),
+                       ("optim.max_grad_norm", o.max_grad_norm)):
+        if value < 0:
+            problems.append(f"{key} must be >= 0, got {value}")
+    if not 0 <= lo.dropout < 1:
+        problems.append(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    if o.max_steps is not None and o.max_steps < 1:
+        problems.append(f"optim.max_steps must be >= 1 (or null to train for optim.epochs), got {o.max_steps}")
+    if e.every_steps is not None and e.every_steps < 1:
+        problems.append(f"eval.every_steps must be >= 1 (or null for every epoch), got {e.every_steps}")
+    if e.val_limit is not None and e.val_limit < 1:
+        problems.append(f"eval.val_limit must be >= 1 (or null for the whole validation split), got {e.val_limit}")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        problems.append(f"save_total_limit must be >= 1 (or null to keep every checkpoint), got {cfg.save_total_limit}")
+    if not cfg.output_dir.strip():
+        problems.append("output_dir must not be empty")
+    if cfg.mode in ("tokens", "lora+tokens") and not cfg.scheme.tokens():
+        problems.append(f"mode {cfg.mode!r} trains the new control-token rows, but scheme.style "
+                        f"{cfg.scheme.style!r} adds no tokens; use mode=lora (or full) for plain/direct ablations")
+    if d.marker_allocation == "random" and not cfg.scheme.labels_steps:
+        problems.append("data.marker_allocation=random shuffles memory/reason markers, but scheme "
+                        f"{cfg.scheme.style!r} (n_special={cfg.scheme.n_special}) writes no kind markers")
+    if check_data:
+        problems.extend(_check_source(d))
+    return problems
+
+
+def _check_source(d: DataConfig) -> list[str]:
+    """A missing dataset is a config problem, found before any model loads."""
+    from memreason.data import BUNDLED
+    from memreason.tasks import get_task
+
+    problems = []
+    if d.source.startswith("bundled:"):
+        name = d.source.split(":", 1)[1]
+        if name not in BUNDLED:
+            problems.append(f"data.source: unknown bundled dataset {name!r}; choose one of "
+                            + ", ".join(f"bundled:{n}" for n in BUNDLED))
+    elif d.source.startswith("hf:"):
+        local = d.source[3:].split(":", 1)[0]
+        if local.startswith((".", "/", "~")) and not Path(local).expanduser().exists():
+            problems.append(f"data.source: dataset directory not found: {local}")
+        if d.task is None:
+            problems.append("data.task is required for hf: datasets (strategyqa, commonsenseqa, truthfulqa, freeform)")
+    else:
+        if not Path(d.source).expanduser().is_file():
+            problems.append(f"data.source: dataset file not found: {d.source}")
+        if d.task is None:
+            problems.append("data.task is required for dataset files (strategyqa, commonsenseqa, truthfulqa, freeform)")
+    if d.task is not None:
+        try:
+            get_task(d.task)
+        except KeyError as exc:
+            problems.append(f"data.task: {exc.args[0]}")
+    return problems
+
+
+def build_config(data: dict | None = None) -> TrainConfig:
+    """A validated ``TrainConfig`` from a (possibly partial) nested dict.
+
+    Raises:
+        ConfigError: unknown key, wrong type, or a value out of range (all of them).
+    """
+    cfg = _build(TrainConfig, data or {}, "")
+    problems = _Problems(_validate(cfg))
+    problems.raise_if_any()
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_data: bool = True) -> TrainConfig:
+    """Read a training recipe, apply ``key=value`` overrides, and validate the result.
+
+    Args:
+        path: a YAML file, or ``None`` to start from the defaults.
+        overrides: dotted assignments such as ``"optim.lr=1e-4"`` or ``"data.val_size=null"``.
+        check_data (bool, default True): also check that ``data.source`` exists. Only for validating a
+            recipe whose dataset lives elsewhere (the paper recipes name the paper's files).
+
+    Raises:
+        ConfigError: every problem found (see ``load_settings``).
+    """
+    return load_settings(TrainConfig, path, overrides, validate=lambda cfg: _validate(cfg, check_data))
+
+
+save_config = save_settings

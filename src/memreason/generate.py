@@ -1,4 +1,11 @@
-"""Batched generation that stops each row as soon as its answer line is complete.
+"""Generation plumbing, written once: token ids, padding, batched generation, continuation scoring.
+
+* ``eos_ids`` / ``pad_id``: which ids end a generation and which one pads (every caller uses these).
+* ``encode_prompts``: the one BOS policy — prompts are rendered text (``memreason.prompts`` adds whatever
+  BOS/chat framing the model needs), so tokenising never adds special tokens again.
+* ``left_pad``: a batch padded on the left, so every row's last real token sits at index -1.
+* ``generate_texts``: batched generation that stops each row as soon as its answer line is complete.
+* ``continuation_logprobs``: summed log-probability of continuations after contexts (right padded).
 
 Prompts are sorted by length and generated in left-padded batches (greedy unless sampling is asked for,
 and then seeded). A row stops at EOS or when the text after its first complete ``The answer is:`` line
@@ -13,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from memreason.errors import ConfigError
 from memreason.tasks import ANSWER_MARKER
 
 logger = logging.getLogger(__name__)
@@ -49,31 +57,114 @@ def answer_complete(text: str) -> bool:
     return False
 
 
-def truncate_at_answer(text: str) -> str:
-    """The text up to the end of its first complete answer line (the whole text if there is none)."""
-    position = text.find(ANSWER_MARKER)
-    while position >= 0:
-        start = position + len(ANSWER_MARKER)
-        line, newline, _ = text[start:].partition("\n")
-        if not newline:
-            return text
-        if line.strip():
-            return text[:start + len(line)]
-        position = text.find(ANSWER_MARKER, start)
-    return text
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a generation: the model's generation config's EOS ids, then the tokenizer's.
+
+    Raises:
+        ConfigError: neither names an EOS token.
+    """
+    ids: list[int] = []
+    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        for token in (value if isinstance(value, (list, tuple)) else [value]):
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    if not ids:
+        raise ConfigError("neither the model's generation config nor the tokenizer names an EOS token")
+    return ids
 
 
-_NEWLINE_IDS: dict[int, frozenset[int]] = {}
+def pad_id(tokenizer, eos: Sequence[int] = ()) -> int:
+    """The tokenizer's pad id, else the first EOS id (padding is masked, so any id would do).
+
+    Raises:
+        ConfigError: no pad token and no EOS id to pad with.
+    """
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    fallback = list(eos) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    if not fallback:
+        raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+    return int(fallback[0])
+
+
+def encode_prompts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered prompts; no special tokens are added (the prompt already holds them)."""
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad: int, device=None) -> dict:
+    """A left-padded batch: ``input_ids``, ``attention_mask`` and ``position_ids``, each ``[batch, width]``.
+
+    Position ids count real tokens only (0 at each row's first real token), which absolute-position models
+    (GPT-2) need and which makes a padded row compute what it computes alone.
+    """
+    import torch
+
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if len(sequence):
+            input_ids[row, width - len(sequence):] = torch.tensor(list(sequence), dtype=torch.long)
+            attention_mask[row, width - len(sequence):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            "position_ids": position_ids.to(device)}
+
+
+def continuation_logprobs(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int,
+                          batch_size: int = 32) -> list[float]:
+    """Summed log-probability of each continuation given its context, as token ids.
+
+    Context and continuation are tokenised separately and their ids joined (as training does); rows are
+    right padded, so the positions read are the same in every row.
+
+    Args:
+        model: a causal LM in eval mode.
+        pairs: ``(context_ids, continuation_ids)``; the context must be non-empty.
+        pad (int): the pad id (see ``pad_id``).
+        batch_size (int, default 32).
+
+    Returns:
+        list[float]: one summed log-probability per pair.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = [(list(p), list(c)) for p, c in pairs[start:start + batch_size]]
+            width = max(len(p) + len(c) for p, c in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)       # [batch, seq]
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)          # [batch, seq]
+            for row, (p, c) in enumerate(chunk):
+                ids[row, :len(p) + len(c)] = torch.tensor(p + c)
+                mask[row, :len(p) + len(c)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [batch, seq, vocab]
+            for row, (p, c) in enumerate(chunk):
+                # position t predicts token t + 1; normalise only the positions that score the continuation
+                logprobs = torch.log_softmax(logits[row, len(p) - 1:len(p) + len(c) - 1].float(), dim=-1)
+                targets = torch.tensor(c, device=logprobs.device)
+                scores.append(float(logprobs[torch.arange(len(c), device=logprobs.device), targets].sum()))
+    return scores
 
 
 def _newline_token_ids(tokenizer) -> frozenset[int]:
-    """Ids whose text contains a newline: only after one of these can an answer line become complete."""
-    key = id(tokenizer)
-    if key not in _NEWLINE_IDS:
-        vocab_size = len(tokenizer)
-        texts = tokenizer.batch_decode([[i] for i in range(vocab_size)])
-        _NEWLINE_IDS[key] = frozenset(i for i, t in enumerate(texts) if "\n" in t)
-    return _NEWLINE_IDS[key]
+    """Ids whose text contains a newline: only after one of these can an answer line become complete.
+
+    Cached on the tokenizer object itself (a cache keyed by ``id()`` could hand a new tokenizer the ids
+    of a freed one).
+    """
+    cached = getattr(tokenizer, "_memreason_newline_ids", None)
+    if cached is None or cached[0] != len(tokenizer):
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        cached = (len(tokenizer), frozenset(i for i, t in enumerate(texts) if "\n" in t))
+        try:
+            tokenizer._memreason_newline_ids = cached
+        except AttributeError:  # a tokenizer that refuses attributes: recompute each time
+            pass
+    return cached[1]
 
 
 class _RowStopper:
@@ -131,11 +222,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
 
     if not prompts:
         return []
-    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
-        else tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    stop_ids = set(eos_ids(model, tokenizer))
+    pad = pad_id(tokenizer, sorted(stop_ids))
+    encoded = encode_prompts(tokenizer, prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     results: list[Generation | None] = [None] * len(prompts)
     device = next(model.parameters()).device
@@ -144,24 +233,18 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            # left padding: every row's last prompt token sits at the same position
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids = encoded[i]
-                input_ids[r, width - len(ids):] = torch.tensor(ids)
-                attention[r, width - len(ids):] = 1
-            stopper = _RowStopper(tokenizer, width, len(rows), eos_ids, stop_at_answer)
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id,
-                          eos_token_id=sorted(eos_ids), stopping_criteria=StoppingCriteriaList([stopper]))
+            batch = left_pad([encoded[i] for i in rows], pad, device)
+            width = batch["input_ids"].shape[1]
+            stopper = _RowStopper(tokenizer, width, len(rows), stop_ids, stop_at_answer)
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                          eos_token_id=sorted(stop_ids), stopping_criteria=StoppingCriteriaList([stopper]))
             if do_sample:
                 torch.manual_seed(seed + start)
                 kwargs.update(temperature=temperature, top_p=top_p)
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
             with torch.no_grad():
-                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+                output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
             for r, i in enumerate(rows):
                 generated = output[r, width:]
                 length = stopper.lengths[r] if stopper.done[r] else generated.shape[0]

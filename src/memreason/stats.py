@@ -3,7 +3,9 @@
 * ``wilson_ci``: Wilson score interval of a binomial proportion (accuracy with n and a 95% CI).
 * ``mcnemar_exact``: exact (binomial) two-sided McNemar test on the discordant pairs of two paired
   classifiers (per-question flips between a baseline and a method).
-* ``paired_bootstrap_ci``: percentile bootstrap CI of the mean paired difference (resampling questions).
+* ``sign_test_p``: the same exact test read from a list of paired differences (ties dropped).
+* ``bootstrap_ci``: percentile bootstrap CI of a mean; ``paired_bootstrap_ci``: of the mean paired
+  difference (resampling questions). The only bootstrap in memreason.
 
 No state, no I/O; every random choice takes a seed.
 """
@@ -79,18 +81,53 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail / 2 ** n)
 
 
+def sign_test_p(differences: Sequence[float]) -> float:
+    """Two-sided exact sign test of a zero median difference; ties are dropped (1.0 when all are ties)."""
+    return mcnemar_exact(sum(1 for d in differences if d < 0), sum(1 for d in differences if d > 0))
+
+
+def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, n_resamples: int = 10_000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``mean(values)``, resampling the values with replacement.
+
+    Args:
+        values (Sequence[float]): observations, length >= 1 (paired differences give a paired CI).
+        confidence (float, default 0.95): coverage of the interval.
+        n_resamples (int, default 10000): bootstrap resamples.
+        seed (int, default 0): seed of the resampling.
+
+    Returns:
+        tuple[float, float]: (lower, upper).
+
+    Raises:
+        ValueError: empty input, ``n_resamples < 1``, confidence outside (0, 1).
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("cannot bootstrap an empty sample")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    _z(confidence)
+    rng = np.random.default_rng(seed)
+    # Resample in chunks so memory stays ~16 MB of indices even for all 14,042 MMLU questions; the
+    # generator's stream does not depend on the chunking, so the interval does not either.
+    chunk = max(1, 2_000_000 // len(values))
+    means = np.concatenate([
+        values[rng.integers(0, len(values), size=(min(chunk, n_resamples - start), len(values)))].mean(axis=1)
+        for start in range(0, n_resamples, chunk)])
+    tail = (1.0 - confidence) / 2.0
+    lower, upper = np.quantile(means, [tail, 1.0 - tail])
+    return float(lower), float(upper)
+
+
 def paired_bootstrap_ci(first: Sequence[float], second: Sequence[float], *, confidence: float = 0.95,
                         n_resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
     """Percentile bootstrap CI of ``mean(second - first)`` over paired observations.
 
     Questions are resampled with replacement and both conditions keep their pairing, so the interval
     reflects the paired design (per-question correctness 0/1, generated lengths, ...).
-
-    Args:
-        first, second (Sequence[float]): paired values, same length >= 1.
-        confidence (float, default 0.95): coverage of the interval.
-        n_resamples (int, default 10000): bootstrap resamples.
-        seed (int, default 0): seed of the resampling.
 
     Returns:
         tuple[float, float, float]: (observed mean difference, lower, upper).
@@ -104,16 +141,6 @@ def paired_bootstrap_ci(first: Sequence[float], second: Sequence[float], *, conf
         raise ValueError(f"paired samples differ in length: {len(first)} vs {len(second)}")
     if len(first) == 0:
         raise ValueError("paired samples are empty")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
-    _z(confidence)
     diff = np.asarray(second, dtype=np.float64) - np.asarray(first, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    # Resample in chunks so memory stays ~16 MB of indices even for all 14,042 MMLU questions.
-    chunk = max(1, 2_000_000 // len(diff))
-    means = np.concatenate([
-        diff[rng.integers(0, len(diff), size=(min(chunk, n_resamples - start), len(diff)))].mean(axis=1)
-        for start in range(0, n_resamples, chunk)])
-    tail = (1.0 - confidence) / 2.0
-    lower, upper = np.quantile(means, [tail, 1.0 - tail])
-    return float(diff.mean()), float(lower), float(upper)
+    lower, upper = bootstrap_ci(diff, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    return float(diff.mean()), lower, upper

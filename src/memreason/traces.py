@@ -1,10 +1,15 @@
-"""The one schema every part of memreason speaks: ``Step`` and ``Trace``.
+"""The one schema every part of memreason speaks: ``Step``, ``Trace`` and ``Result``.
 
 A Trace is a question, an ordered tuple of steps (each either a memory-recall step or a reasoning step)
 and an answer. Every input spelling of a step tag is mapped to one canonical kind by ``TAG_TABLE``; the
 rest of the code never sees an alias. An unknown tag is an error, never a silent relabel (the original
 cleaning turned ``[reasoning]`` into memory, spec disentangle.md §10 B3) and never a silent shift of the
 other steps' labels (B4): the kind travels with its step.
+
+A Result is one evaluated question: the predicted Trace (parsed from the model's text), the prompt it was
+given, the gold answer, the outcome and the token counts. It is the row of ``results.jsonl`` and what every
+later stage (compare, judges, report, repair) reads; ``to_dict``/``from_dict`` carry a schema version, and
+rows written before the version existed still load.
 """
 
 from __future__ import annotations
@@ -122,6 +127,117 @@ class Trace:
         return cls(question=data["question"], steps=steps, answer=data.get("answer"), meta=dict(data.get("meta") or {}))
 
 
+RESULT_SCHEMA = "memreason-result/2"
+# Rows written before the schema field existed (no prompt kept) are version 1.
+_LEGACY_SCHEMA = "memreason-result/1"
+_RESULT_REQUIRED = ("id", "question", "outcome")
+# Keys derived from other fields on writing (for pandas users), never read back.
+_DERIVED = ("n_memory", "n_reason")
+_RESULT_FIELDS = ("schema", "id", "question", "gold", "predicted", "outcome", "steps", "raw", "prompt", "n_tokens",
+                  "marker_tokens", "task", "task_version", "seed", "config", "samples") + _DERIVED
+
+
+class ResultFormatError(ValueError):
+    """A results row that is not a memreason result (the caller adds the file and line)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """One evaluated question.
+
+    Args:
+        trace (Trace): what the model produced: the question, the parsed steps, the predicted answer and
+            ``meta["id"]``.
+        gold (str | None): the reference answer.
+        outcome (str): ``correct``, ``wrong`` or ``unparseable`` (``memreason.tasks``).
+        raw (str): the generated text, markers kept (never the prompt).
+        prompt (str | None): the exact prompt the model was given (None in rows written before schema 2).
+        n_tokens (int): generated tokens; marker_tokens (int): control markers among them.
+        task (str | None), task_version (int | None), seed (int | None), config (str | None): how the row
+            was made (``config`` is the settings digest).
+        samples (tuple[dict, ...] | None): per-sample ``raw``/``predicted`` when several were drawn.
+        extra (dict): any other keys of the row (repair provenance, confidences, ...), kept on a round trip.
+    """
+
+    trace: Trace
+    gold: str | None
+    outcome: str
+    raw: str = ""
+    prompt: str | None = None
+    n_tokens: int = 0
+    marker_tokens: int = 0
+    task: str | None = None
+    task_version: int | None = None
+    seed: int | None = None
+    config: str | None = None
+    samples: tuple[dict, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def id(self) -> str | None:
+        return self.trace.id
+
+    @property
+    def question(self) -> str:
+        return self.trace.question
+
+    @property
+    def predicted(self) -> str | None:
+        return self.trace.answer
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return self.trace.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSONL row; ``Result.from_dict`` is its inverse."""
+        row = {"schema": RESULT_SCHEMA, "id": self.id, "question": self.question, "gold": self.gold,
+               "predicted": self.predicted, "outcome": self.outcome,
+               "steps": [{"kind": s.kind, "text": s.text} for s in self.steps], "raw": self.raw,
+               "prompt": self.prompt, "n_tokens": self.n_tokens, "n_memory": self.trace.count(MEMORY),
+               "n_reason": self.trace.count(REASON), "marker_tokens": self.marker_tokens, "task": self.task,
+               "task_version": self.task_version, "seed": self.seed, "config": self.config}
+        if self.samples is not None:
+            row["samples"] = [dict(s) for s in self.samples]
+        row.update(self.extra)
+        return row
+
+    @classmethod
+    def from_dict(cls, row: Any) -> "Result":
+        """A Result from a row of any schema version this memreason reads.
+
+        Raises:
+            ResultFormatError: not a mapping, an unknown schema version, a missing field or a bad step.
+        """
+        if not isinstance(row, Mapping):
+            raise ResultFormatError(f"expected a JSON object per line, got {type(row).__name__}")
+        schema = row.get("schema", _LEGACY_SCHEMA)
+        if schema not in (RESULT_SCHEMA, _LEGACY_SCHEMA):
+            raise ResultFormatError(f"results schema {schema!r} is not one this memreason reads "
+                                    f"({_LEGACY_SCHEMA}, {RESULT_SCHEMA}); upgrade memreason")
+        missing = [key for key in _RESULT_REQUIRED if key not in row]
+        if missing:
+            raise ResultFormatError(f"not a memreason results row: missing {', '.join(missing)}")
+        try:
+            steps = tuple(Step(s["kind"], s["text"]) for s in row.get("steps") or ())
+            trace = Trace(question=row["question"], steps=steps, answer=row.get("predicted"), meta={"id": row["id"]})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ResultFormatError(f"malformed steps in row {row.get('id')!r}: {exc}") from None
+        samples = row.get("samples")
+        return cls(trace=trace, gold=row.get("gold"), outcome=row["outcome"], raw=row.get("raw") or "",
+                   prompt=row.get("prompt"), n_tokens=int(row.get("n_tokens") or 0),
+                   marker_tokens=int(row.get("marker_tokens") or 0), task=row.get("task"),
+                   task_version=row.get("task_version"), seed=row.get("seed"), config=row.get("config"),
+                   samples=tuple(samples) if samples is not None else None,
+                   extra={k: v for k, v in row.items() if k not in _RESULT_FIELDS})
+
+    def replace(self, **changes) -> "Result":
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+
 def parse_tagged_step(line: str) -> tuple[str, str]:
     """Split a ``"[tag]: text"`` step into its raw tag and text.
 
@@ -132,9 +248,3 @@ def parse_tagged_step(line: str) -> tuple[str, str]:
     if not match:
         raise ValueError(f"step does not start with '[tag]:' — {line[:60]!r}")
     return match.group(1), match.group(2)
-
-
-def format_tagged_step(step: Step) -> str:
-    """The paper's step format, ``"[rag]: text"`` for memory and ``"[reason]: text"`` for reason."""
-    tag = "rag" if step.kind == MEMORY else "reason"
-    return f"[{tag}]: {step.text}"

@@ -30,18 +30,20 @@ SUMMARY_HEADERS = ["model", "n", "accuracy", "95% CI", "unparseable", "memory/an
                    "marker tok/ans"]
 
 
-def format_steps(steps: list[dict], indent: str = "  ") -> str:
+def format_steps(steps, indent: str = "  ") -> str:
+    """Steps (``memreason.traces.Step``) one per line, tagged or coloured by kind."""
     colour = _use_colour()
     lines = []
     for step in steps:
-        kind = step["kind"]
+        kind = step.kind
         label = f"[{kind}]".ljust(9)
-        text = f"{label} {step['text']}"
+        text = f"{label} {step.text}"
         lines.append(indent + (f"{_COLOURS.get(kind, '')}{text}{_RESET}" if colour else text))
     return "\n".join(lines) if lines else indent + "(no steps)"
 
 
-def format_row(row: dict) -> str:
-    head = f"Q: {row['question']}"
-    tail = f"  → predicted {row['predicted']!s}, gold {row['gold']} ({row['outcome']})"
-    return "\n".join([head, format_steps(row["steps"]), tail])
+def format_result(result) -> str:
+    """A ``Result``: question, steps, predicted and gold answer with the outcome."""
+    head = f"Q: {result.question}"
+    tail = f"  → predicted {result.predicted!s}, gold {result.gold} ({result.outcome})"
+    return "\n".join([head, format_steps(result.steps), tail])

@@ -1,10 +1,10 @@
-from memreason.cli.demo import _pick_examples
+from memreason.experiments.demo import pick_examples as _pick_examples
+from memreason.traces import Result
 
 
 def _row(i, outcome, steps, predicted="True"):
-    return {"id": str(i), "outcome": outcome, "predicted": predicted,
-            "steps": [{"kind": k, "text": t} for k, t in steps],
-            "n_memory": sum(k == "memory" for k, _ in steps), "n_reason": sum(k == "reason" for k, _ in steps)}
+    return Result.from_dict({"id": str(i), "question": f"q{i}", "outcome": outcome, "predicted": predicted,
+                             "steps": [{"kind": k, "text": t} for k, t in steps]})
 
 
 def test_demo_shows_correct_well_formed_traces_first_and_never_hides_the_order():
@@ -18,5 +18,5 @@ def test_demo_shows_correct_well_formed_traces_first_and_never_hides_the_order()
 
     picked = _pick_examples([glitchy, repeated, unparsed, memory_only, wrong, clean])
 
-    assert [r["id"] for r in picked] == ["2", "0", "1"]
-    assert [r["id"] for r in _pick_examples([unparsed, wrong, memory_only])] == ["3", "5", "4"]
+    assert [r.id for r in picked] == ["2", "0", "1"]
+    assert [r.id for r in _pick_examples([unparsed, wrong, memory_only])] == ["3", "5", "4"]
