@@ -1,16 +1,31 @@
-"""Every shipped recipe under configs/ loads and validates (litgpt's config-hub test), found recursively."""
+"""Every shipped settings file under configs/ loads and validates (litgpt's config-hub test), found
+recursively: training recipes (configs/*.yaml, paper/, ablations/) with ``memreason train``, and each other
+verb's files (world/, inject/, rebalance/, eval/) with that verb's settings class."""
 
+import importlib
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from memreason.config import load_config
+from memreason.config import load_config, load_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.relative_to(CONFIGS).parts)
+# directory under configs/ -> (the verb whose --config reads it, "module:SettingsClass")
+VERB_DIRS = {"world": ("world ablate", "memreason.experiments.world_ablation:AblateConfig"),
+             "inject": ("inject sweep", "memreason.experiments.injection_sweep:SweepConfig"),
+             "rebalance": ("rebalance eval", "memreason.experiments.rebalance_mmlu:RebalanceSettings"),
+             "eval": ("eval", "memreason.evaluate:EvalJob")}
+_ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.relative_to(CONFIGS).parts)
+RECIPES = [p for p in _ALL if p.relative_to(CONFIGS).parts[0] not in VERB_DIRS]
+VERB_FILES = [p for p in _ALL if p.relative_to(CONFIGS).parts[0] in VERB_DIRS]
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+
+
+def _settings_class(path):
+    module, name = VERB_DIRS[path.relative_to(CONFIGS).parts[0]][1].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def test_the_recipe_search_is_recursive_and_finds_the_shipped_recipes():
@@ -49,3 +64,23 @@ def test_accelerate_configs_are_yaml_that_names_a_distributed_type_and_a_launch_
     data = yaml.safe_load(path.read_text())
     assert data["distributed_type"] in {"MULTI_GPU", "FSDP"} and data["num_processes"] >= 2
     assert f"accelerate launch --config_file configs/accelerate/{path.name}" in path.read_text()
+
+
+@pytest.mark.parametrize("path", VERB_FILES, ids=lambda p: p.relative_to(CONFIGS).as_posix())
+def test_verb_settings_file_validates_and_opens_with_its_command(path):
+    load_settings(_settings_class(path), path)
+    verb = VERB_DIRS[path.relative_to(CONFIGS).parts[0]][0]
+    relative = path.relative_to(CONFIGS.parent).as_posix()
+    assert f"memreason {verb} --config {relative}" in path.read_text(), f"{relative}: no command line"
+
+
+def test_every_verb_directory_ships_a_settings_file():
+    assert {p.relative_to(CONFIGS).parts[0] for p in VERB_FILES} == set(VERB_DIRS)
+
+
+def test_ablation_recipes_state_only_their_difference_from_the_demo():
+    for path in sorted((CONFIGS / "ablations").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        assert data.pop("defaults") == "../demo.yaml"
+        keys = sum(len(v) if isinstance(v, dict) else 1 for v in data.values())
+        assert keys <= 4, f"{path.name} restates {keys} keys"

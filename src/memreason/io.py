@@ -186,6 +186,18 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
         os.close(fd)
 
 
+def csv_text(rows: list[dict]) -> str:
+    """Rows (dicts with the same keys) as CSV text with a header, for ``atomic_write``."""
+    import csv
+    import io as _io
+
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def settings_digest(settings: Any) -> str:
     """A short stable hash of settings (a dataclass or JSON-ready value): 16 hex digits of SHA-256."""
     if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
@@ -233,18 +245,24 @@ class OutputDir:
             for name in outputs:
                 (self.path / name).unlink(missing_ok=True)
         elif self.config_path.exists() and any((self.path / name).exists() for name in outputs or (config_name,)):
-            previous = self.previous_digest(digest_key)
-            if previous != self.digest:
-                raise ConfigError(f"{self.path} holds results made with different settings; "
-                                  "choose another output directory or pass --overwrite")
+            previous = self._previous(digest_key)
+            if settings_digest(previous) != self.digest:
+                changed = sorted(k for k in set(previous) | set(self.settings)
+                                 if previous.get(k) != json.loads(to_json(self.settings)).get(k))
+                detail = f" ({', '.join(changed)} differ)" if changed and len(changed) <= 8 else ""
+                raise ConfigError(f"{self.path} holds results made with different settings{detail}; use the same "
+                                  "settings to resume, choose another output directory or pass --overwrite")
         write_json(self.config_path, {digest_key: self.digest, **self.settings})
 
-    def previous_digest(self, digest_key: str) -> str | None:
+    def _previous(self, digest_key: str) -> dict:
+        """The settings recorded by an earlier run (a file without a digest key is the settings alone)."""
         try:
             data = json.loads(self.config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            return None
-        return data.get(digest_key) if isinstance(data, dict) else None
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if k != digest_key}
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -111,9 +111,11 @@ def test_paths_follow_the_types_and_chains_read_as_english():
     ({"n_people": "2"}, "n_people must be >= 3"),
     ({"max_hops": "4"}, "min_hops <= max_hops <= 3"),
     ({"heldout_pairs": "based_in>capital"}, "heldout_pairs"),
-    ({"n_peple": "10"}, "did you mean world.n_people"),
-    ({"mentions": "many"}, "expected int"),
+    ({"n_peple": "10"}, "did you mean n_people"),
+    ({"mentions": "many"}, "mentions: expected an integer"),
 ])
 def test_bad_world_config_is_one_clear_config_error(overrides, message):
+    from memreason.config import load_settings
+
     with pytest.raises(ConfigError, match=message):
-        WorldConfig.from_dict(overrides)
+        load_settings(WorldConfig, None, [f"{k}={v}" for k, v in overrides.items()])

@@ -16,6 +16,7 @@ EPILOG = """examples:
   memreason world generate --out runs/world-big n_people=60 mentions=5 heldout_pairs=mentor>born_in
   memreason world ablate --out runs/world
   memreason world ablate --out runs/world-small world.n_people=12 reason_steps=20 arms=tokens,direct
+  memreason world ablate --config configs/world/ablate.yaml --out runs/world
 """
 
 
@@ -27,6 +28,7 @@ def register(subparsers) -> None:
     generate = actions.add_parser("generate", help="write a seeded world to a directory", epilog=EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     generate.add_argument("--out", required=True, help="directory for world.json, questions.jsonl, corpus.jsonl, facts.json")
+    generate.add_argument("--config", default=None, metavar="FILE", help="YAML file of world knobs")
     generate.add_argument("overrides", nargs="*", metavar="key=value",
                           help="world knobs, e.g. seed=1 n_people=40 mentions=5 min_hops=2 max_hops=3 "
                                "heldout_pairs=based_in>located_in")
@@ -34,24 +36,20 @@ def register(subparsers) -> None:
     ablate = actions.add_parser("ablate", help="knowledge stage, five reasoning arms, exact error attribution",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ablate.add_argument("--out", default="runs/world", help="output directory (default runs/world); re-runs resume")
+    ablate.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML settings (keys of AblateConfig; `world:` section; `defaults:` includes)")
     ablate.add_argument("--no-progress", action="store_true", help="no training progress bars")
     ablate.add_argument("overrides", nargs="*", metavar="key=value",
                         help="e.g. reason_steps=40 knowledge_steps=120 arms=tokens,s0 model=path/to/model "
-                             "world.n_people=24 (see memreason.world_ablate.AblateConfig)")
+                             "world.n_people=24 (see memreason.experiments.world_ablation.AblateConfig)")
     ablate.set_defaults(func=run_ablate)
 
 
 def run_generate(args) -> int:
+    from memreason.config import load_settings
     from memreason.data.world import WorldConfig, generate_world, write_world
-    from memreason.errors import ConfigError
 
-    values = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        values[key.strip()] = value.strip()
-    world = generate_world(WorldConfig.from_dict(values))
+    world = generate_world(load_settings(WorldConfig, args.config, args.overrides))
     paths = write_world(world, args.out)
     print(f"{len(world.entities)} entities, {len(world.facts)} facts, {len(world.corpus())} corpus sentences; "
           + ", ".join(f"{len(v)} {k}" for k, v in world.questions.items()) + " questions")
@@ -89,9 +87,9 @@ def run_ablate(args) -> int:
 
     from tqdm import tqdm
 
-    from memreason.world_ablate import AblateConfig, run_ablation
+    from memreason.experiments.world_ablation import load_ablation, run_ablation
 
-    cfg = AblateConfig.from_overrides(args.overrides)
+    cfg = load_ablation(args.config, args.overrides)
     start = time.perf_counter()
     bars: dict[str, tqdm] = {}
 

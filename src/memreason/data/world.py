@@ -30,14 +30,14 @@ The world (``WorldConfig`` knobs, all seeded by ``seed``):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from memreason.errors import ConfigError
+from memreason.io import atomic_write
 from memreason.traces import MEMORY, REASON, Step, Trace
 
 WORLD_FORMAT = "memreason-world/1"
@@ -153,27 +153,6 @@ class WorldConfig:
                                   f"from {', '.join(RELATIONS)}")
             out.add((first.strip(), second.strip()))
         return frozenset(out)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "WorldConfig":
-        """Build from a mapping whose values may be text (``key=value`` overrides).
-
-        Raises:
-            ConfigError: an unknown key (with a close-match hint) or a value of the wrong type.
-        """
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in data.items():
-            if key not in fields:
-                close = difflib.get_close_matches(key, list(fields), n=1)
-                hint = f" (did you mean world.{close[0]}?)" if close else ""
-                raise ConfigError(f"unknown world key {key!r}{hint}; known: {', '.join(fields)}")
-            kind = type(fields[key].default)
-            try:
-                kwargs[key] = value if isinstance(value, kind) and not isinstance(value, bool) else kind(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"world.{key}: expected {kind.__name__}, got {value!r}") from None
-        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -391,28 +370,24 @@ def write_world(world: World, directory: str | Path) -> dict[str, Path]:
     data = {"format": WORLD_FORMAT, "config": dataclasses.asdict(world.config), "entities": world.entities,
             "facts": [{**dataclasses.asdict(f), "text": f.text()} for f in world.facts.values()],
             "questions": questions}
-    _write(paths_out["world"], json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    atomic_write(paths_out["world"], json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     lines = []
     for split in SPLITS:
         for trace in world.questions.get(split, []):
             record = trace.to_dict()
             record["split"] = split
             lines.append(json.dumps(record, ensure_ascii=False))
-    _write(paths_out["questions"], "\n".join(lines) + "\n")
+    atomic_write(paths_out["questions"], "\n".join(lines) + "\n")
     by_text = {f.text(k): f for f in world.facts.values() for k in range(CORPUS_TEMPLATES)}
     corpus = [json.dumps({"question": s, "steps": [], "answer": by_text[s].object, "split": "train",
                           "meta": {"fact_id": by_text[s].id}}, ensure_ascii=False) for s in world.corpus()]
-    _write(paths_out["corpus"], "\n".join(corpus) + "\n")
+    atomic_write(paths_out["corpus"], "\n".join(corpus) + "\n")
     table = {"format": "memreason-facts/1",
              "facts": [{"id": f.id, "text": f.text(), "aliases": [f.text(k) for k in range(1, len(RELATIONS[f.relation].templates))]}
                        for f in world.facts.values()],
              "questions": {qid: q["fact_ids"] for qid, q in questions.items()}}
-    _write(paths_out["facts"], json.dumps(table, indent=1, ensure_ascii=False) + "\n")
+    atomic_write(paths_out["facts"], json.dumps(table, indent=1, ensure_ascii=False) + "\n")
     return paths_out
 
 
-def _write(path: Path, text: str) -> None:
-    """Write a file atomically (a crash never leaves half of it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+

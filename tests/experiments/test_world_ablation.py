@@ -1,4 +1,4 @@
-"""Tests of memreason.world_ablate: config overrides and their errors, and one end-to-end ablation on a tiny
+"""Tests of memreason.experiments.world_ablation: config overrides and their errors, and one end-to-end ablation on a tiny
 random Llama (every stage, every arm, resume, a refused config change) in well under a minute."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 from memreason.cli import main as cli_main
 from memreason.errors import ConfigError
-from memreason.world_ablate import ARMS, AblateConfig, arm_config, run_ablation
+from memreason.experiments.world_ablation import ARMS, arm_config, load_ablation, run_ablation
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ TINY = ["world.n_people=4", "world.n_cities=3", "world.n_countries=3", "world.n_
 
 
 def test_overrides_reach_the_world_and_the_budget():
-    cfg = AblateConfig.from_overrides(["world.n_people=12", "reason_steps=7", "arms=tokens,direct", "model=null"])
+    cfg = load_ablation(None, ["world.n_people=12", "reason_steps=7", "arms=tokens,direct", "model=null"])
     assert (cfg.world.n_people, cfg.reason_steps, cfg.model) == (12, 7, None)
     assert [a.name for a in cfg.arm_list()] == ["tokens", "direct"]
 
@@ -39,19 +39,19 @@ def test_overrides_reach_the_world_and_the_budget():
     (["reason_step=3"], "did you mean reason_steps"),
     (["arms=tokens,cot"], "unknown arm"),
     (["reason_steps=0"], "reason_steps must be >= 1"),
-    (["knowledge_lr=fast"], "expected float"),
-    (["world.hops=2"], "unknown world key"),
+    (["knowledge_lr=fast"], "knowledge_lr: expected a number"),
+    (["world.hops=2"], "unknown config key 'world.hops'"),
     (["reason_steps"], "key=value"),
 ])
 def test_bad_overrides_are_one_clear_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        AblateConfig.from_overrides(overrides)
+        load_ablation(None, overrides)
 
 
 def test_arms_differ_only_in_scheme_mode_and_marker_allocation(tmp_path):
     from memreason.data.world import generate_world, write_world
 
-    cfg = AblateConfig.from_overrides(TINY)
+    cfg = load_ablation(None, TINY)
     write_world(generate_world(cfg.world), tmp_path / "world")
     configs = {name: arm_config(cfg, arm, tmp_path / "world", tmp_path, tmp_path / name) for name, arm in ARMS.items()}
     shared = {json.dumps({k: v for k, v in vars(c).items() if k not in ("scheme", "mode", "data", "output_dir")},
@@ -70,7 +70,7 @@ def test_tiny_ablation_runs_every_stage_resumes_and_refuses_a_changed_config(tmp
     out = tmp_path / "ablate"
     overrides = TINY + [f"model={model_dir}"]
 
-    summary = run_ablation(AblateConfig.from_overrides(overrides), out, progress=False)
+    summary = run_ablation(load_ablation(None, overrides), out, progress=False)
     assert [(r["arm"], r["split"]) for r in summary["rows"]] == [(a, s) for a in ARMS for s in ("test", "test_heldout")]
     for row in summary["rows"]:
         parts = (row["accuracy"] + row["memory_error_rate"] + row["reason_error_rate"] + row["unparseable_rate"]

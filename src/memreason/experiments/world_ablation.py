@@ -1,6 +1,7 @@
 """The synthetic-world ablation: does labelling steps as memory or reason help, when every step can be checked?
 
-One call of ``run_ablation(cfg, out_dir)`` runs every stage, each reused when a previous call finished it:
+Settings: ``AblateConfig`` (YAML + dotted overrides through ``memreason.config.load_settings``; the world's
+knobs are the ``world:`` section). One call of ``run_ablation(cfg, out_dir)`` runs every stage, each reused when a previous call finished it:
 
 1. **world**: ``generate_world(cfg.world)`` written to ``world/`` (questions, knowledge corpus, world.json);
 2. **knowledge**: full fine-tuning of the base model on the corpus sentences (``data.objective: text``),
@@ -27,20 +28,18 @@ Outputs (``out_dir``): ``ablate_config.json``, ``world/``, ``knowledge/``, ``clo
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import difflib
-import json
 import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from memreason.data.world import PROBE_TEMPLATE, WorldConfig, generate_world, write_world
 from memreason.errors import ConfigError
+from memreason.io import OutputDir, atomic_write, csv_text, read_json, write_json
 from memreason.model.tokens import TokenScheme
 
 logger = logging.getLogger(__name__)
@@ -125,61 +124,21 @@ class AblateConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_overrides(cls, overrides: list[str] | tuple[str, ...] = ()) -> "AblateConfig":
-        """Defaults with ``key=value`` overrides (``reason_steps=10``, ``world.n_people=12``, ``model=null``).
 
-        Raises:
-            ConfigError: a malformed override, an unknown key (with a close-match hint), a bad value.
-        """
-        top: dict[str, Any] = {}
-        world: dict[str, Any] = {}
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            key, value = key.strip(), value.strip()
-            if not sep or not key:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
-            if key.startswith("world."):
-                world[key[len("world."):]] = value
-                continue
-            if key not in names or key == "world":
-                close = difflib.get_close_matches(key, list(names), n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ConfigError(f"unknown key {key!r}{hint}; known: {', '.join(names)} and world.<key>")
-            if key == "model":
-                top[key] = None if value.lower() in ("null", "none", "") else value
-                continue
-            kind = type(names[key].default)
-            try:
-                top[key] = kind(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}") from None
-        return cls(world=WorldConfig.from_dict(world), **top)
+def load_ablation(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AblateConfig:
+    """The ablation settings from a YAML file and ``key=value`` overrides (``reason_steps=10``,
+    ``world.n_people=12``, ``model=null``).
+
+    Raises:
+        ConfigError: every malformed override, unknown key (with a close-match hint) and bad value.
+    """
+    from memreason.config import load_settings
+
+    return load_settings(AblateConfig, path, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # stages
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _check_out_dir(cfg: AblateConfig, out: Path) -> None:
-    """A re-run resumes only the same ablation; a different config in the same directory is refused."""
-    path = out / "ablate_config.json"
-    current = json.loads(json.dumps(cfg.to_dict()))  # as JSON reads it back (tuples become lists)
-    if path.is_file():
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        if previous != current:
-            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-            raise ConfigError(f"{out} holds an ablation with a different config ({', '.join(changed)} differ); "
-                              "use the same settings to resume, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, cfg.to_dict())
 
 
 def knowledge_config(cfg: AblateConfig, world_dir: Path, run_dir: Path, n_sentences: int):
@@ -255,7 +214,7 @@ def _evaluate_arm(cfg: AblateConfig, run_dir: Path, questions: Path, arm_dir: Pa
             continue
         summary_path = out / "summary.json"
         if summary_path.is_file() and len(read_results(out / "results.jsonl")) >= len(traces):
-            summaries[split] = json.loads(summary_path.read_text(encoding="utf-8"))
+            summaries[split] = read_json(summary_path)
             continue
         if reasoner is None:
             reasoner = memreason.load(str(run_dir), task=TASK, device=cfg.device, max_new_tokens=cfg.max_new_tokens)
@@ -337,14 +296,14 @@ def run_ablation(cfg: AblateConfig, out_dir: str | Path, *, progress: bool = Tru
     from memreason.train import main as train_main
 
     say = on_stage or (lambda message: logger.info(message))
-    out = Path(out_dir)
-    _check_out_dir(cfg, out)
+    # A re-run resumes only the same ablation; a different config in the same directory is refused.
+    out = OutputDir(out_dir, cfg, config_name="ablate_config.json").path
     timings_path = out / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings: dict[str, float] = read_json(timings_path) if timings_path.is_file() else {}
 
     def timed(stage: str, start: float) -> None:
         timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 1)
-        _write_json(timings_path, timings)
+        write_json(timings_path, timings)
 
     world = generate_world(cfg.world)
     world_dir = out / "world"
@@ -356,12 +315,12 @@ def run_ablation(cfg: AblateConfig, out_dir: str | Path, *, progress: bool = Tru
         f"questions {sizes['train']} train / {sizes['test']} test / {sizes['test_heldout']} held-out compositions")
 
     cloze_path = out / "cloze.json"
-    cloze = json.loads(cloze_path.read_text()) if cloze_path.is_file() else {}
+    cloze = read_json(cloze_path) if cloze_path.is_file() else {}
     if "base" not in cloze:
         say("cloze recall of the base model")
         start = time.perf_counter()
         cloze["base"] = _cloze(cfg.model, world, cfg.device)
-        _write_json(cloze_path, cloze)
+        write_json(cloze_path, cloze)
         timed("cloze", start)
 
     knowledge_run = out / "knowledge" / "run"
@@ -375,7 +334,7 @@ def run_ablation(cfg: AblateConfig, out_dir: str | Path, *, progress: bool = Tru
         say("cloze recall after the knowledge stage")
         start = time.perf_counter()
         cloze["knowledge"] = _cloze(str(knowledge_model), world, cfg.device)
-        _write_json(cloze_path, cloze)
+        write_json(cloze_path, cloze)
         timed("cloze", start)
 
     judge = WorldJudge.load(world_dir)
@@ -395,11 +354,8 @@ def run_ablation(cfg: AblateConfig, out_dir: str | Path, *, progress: bool = Tru
 
     rows = table_rows(results)
     if rows:
-        with open(out / "ablation.csv", "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        atomic_write(out / "ablation.csv", csv_text(rows))
     summary = {"config": cfg.to_dict(), "world": sizes, "cloze": cloze, "rows": rows, "counts": results,
                "timings": timings, "total_seconds": round(sum(timings.values()), 1)}
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary
