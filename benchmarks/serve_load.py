@@ -9,19 +9,25 @@ interleaved in rounds so that a noisy machine slows all three alike:
 3. ``served``: the same model behind the server, ``--concurrency`` clients at once.
 
 The model serialises generation behind a lock, so ``served / direct`` is the cost of HTTP + JSON + SSE per
-request (1.0 = free). Every fifth request streams. The run is bounded by ``--requests`` per pass and
-``--time-limit`` seconds in all; it stops by itself and exits 1 if any request failed or went unsent.
+request (1.0 = free). Every fifth request streams. With ``--faults N``, a fourth pass, ``faulted``, sends the
+same requests to the same model behind a second server while N bad clients (slow bodies, half-closed
+connections, garbage bytes, silent connections) hammer it: ``faulted / served`` is what they cost the good
+clients (1.0 = nothing). The run is bounded by ``--requests`` per pass and ``--time-limit`` seconds in all;
+it stops by itself and exits 1 if any good request failed or went unsent.
 
     python benchmarks/serve_load.py                          # tiny random model, 300 requests per pass
     python benchmarks/serve_load.py --model smollm2 --requests 100 --max-tokens 16
+    python benchmarks/serve_load.py --faults 8               # + the pass under bad clients
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -117,6 +123,32 @@ def direct_round(backend, chunk, max_tokens: int, deadline: float, tally: Pass):
     tally.seconds += time.perf_counter() - start
 
 
+BAD_CLIENTS = (  # (bytes sent, then shut our side for writing?)
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{", False),  # slow body
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{", True),  # half-closed
+    (bytes(range(256)) * 4 + b"\r\n\r\n", False),  # garbage
+    (b"", False),  # silent
+)
+
+
+def bad_client(port: int, index: int, stop: threading.Event, sent: list) -> None:
+    """One bad client, cycling through the kinds until ``stop``; counts its connections in ``sent``."""
+    kind = index
+    while not stop.is_set():
+        data, half_close = BAD_CLIENTS[kind % len(BAD_CLIENTS)]
+        kind += 1
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(data)
+                if half_close:
+                    sock.shutdown(socket.SHUT_WR)
+                while sock.recv(65536):
+                    pass
+        except OSError:
+            pass
+        sent.append(1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny' (random 2-layer Llama), 'smollm2' (embedded "
@@ -126,6 +158,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8, help="client threads (default 8)")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--time-limit", type=float, default=600, help="seconds for the whole run (default 600)")
+    parser.add_argument("--faults", type=int, default=0, help="bad clients during a fourth pass (default 0: none)")
+    parser.add_argument("--read-timeout", type=float, default=1.0,
+                        help="the faulted server's read timeout, seconds (default 1)")
     args = parser.parse_args()
     deadline = time.perf_counter() + args.time_limit
 
@@ -143,18 +178,34 @@ def main() -> int:
           f"{args.concurrency} clients, max_tokens {args.max_tokens}, every 5th streamed; 127.0.0.1 only; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     tallies = {"scripted": Pass(), "direct": Pass(), "served": Pass()}
-    # Rounds interleave the passes, so a noisy neighbour slows all three alike.
+    if args.faults:
+        tallies["faulted"] = Pass()
+    # Rounds interleave the passes, so a noisy neighbour slows all of them alike.
+    stop, bad_sent = threading.Event(), []
     with Server(ScriptedBackend(["The answer is: True"], model_id=backend.model_id)) as scripted, \
-            Server(backend) as served:
+            Server(backend) as served, Server(backend, read_timeout=args.read_timeout) as faulted:
         clients = {name: openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
-                   for name, server in (("scripted", scripted), ("served", served))}
-        for start in range(0, len(mix), args.round):
-            chunk = mix[start:start + args.round]
-            http_round(clients["scripted"], backend.model_id, chunk, args.concurrency, args.max_tokens, deadline,
-                       tallies["scripted"])
-            direct_round(backend, chunk, args.max_tokens, deadline, tallies["direct"])
-            http_round(clients["served"], backend.model_id, chunk, args.concurrency, args.max_tokens, deadline,
-                       tallies["served"])
+                   for name, server in (("scripted", scripted), ("served", served), ("faulted", faulted))}
+        bad = [threading.Thread(target=bad_client, args=(faulted.port, i, stop, bad_sent), daemon=True)
+               for i in range(args.faults)]
+        for thread in bad:
+            thread.start()
+        try:
+            for start in range(0, len(mix), args.round):
+                chunk = mix[start:start + args.round]
+                http_round(clients["scripted"], backend.model_id, chunk, args.concurrency, args.max_tokens,
+                           deadline, tallies["scripted"])
+                direct_round(backend, chunk, args.max_tokens, deadline, tallies["direct"])
+                http_round(clients["served"], backend.model_id, chunk, args.concurrency, args.max_tokens, deadline,
+                           tallies["served"])
+                if args.faults:
+                    http_round(clients["faulted"], backend.model_id, chunk, args.concurrency, args.max_tokens,
+                               deadline, tallies["faulted"])
+        finally:
+            stop.set()
+            for thread in bad:
+                thread.join(timeout=args.read_timeout + 35)
+        # the bad clients' refusals are expected; only the good clients' count
         server_errors = scripted.stats["errors"] + served.stats["errors"]
 
     print(f"{'pass':<9} {'ok':>5} {'errors':>6} {'seconds':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
@@ -163,6 +214,10 @@ def main() -> int:
     ratio = (tallies["served"].ok / tallies["served"].seconds) / (tallies["direct"].ok / tallies["direct"].seconds)
     print(f"served / direct = {ratio:.2f} (1.0 = the server adds nothing per request; > 1 happens on a loaded CPU, "
           "where more runnable threads get a larger share)")
+    if args.faults:
+        cost = (tallies["faulted"].ok / tallies["faulted"].seconds) / (tallies["served"].ok / tallies["served"].seconds)
+        print(f"faulted / served = {cost:.2f} with {args.faults} bad clients ({len(bad_sent)} bad connections; "
+              "1.0 = they cost the good clients nothing)")
     # a request that failed, went unsent, or that a server counted as refused
     failed = sum(args.requests - tally.ok for tally in tallies.values()) + server_errors
     for name, tally in tallies.items():

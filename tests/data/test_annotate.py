@@ -4,19 +4,22 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import openai
 import pytest
 
-from memreason.data.annotate import (KNOWLEDGE_SYSTEM, PLAN_SCHEMA, PLAN_SYSTEM, AnnotateConfig, InvalidReply,
-                                     ResponseCache, annotate, plan_messages, resolve_endpoint, validate_facts,
-                                     validate_plan)
+from memreason.data.annotate import AnnotateConfig, AnnotationReport, annotate
+from memreason.data.annotate_checks import InvalidReply, validate_facts, validate_plan
+from memreason.data.annotate_prompts import KNOWLEDGE_SYSTEM, PLAN_SCHEMA, PLAN_SYSTEM
 from memreason.data import load_traces, require_steps
 from memreason.errors import ConfigError
+from memreason.io import read_jsonl
 from memreason.serve import ModelBackend, RequestError, ScriptedBackend, Server
 from memreason.tasks import get_task
 from memreason.traces import MEMORY, REASON, Step, Trace
@@ -92,7 +95,7 @@ def _config(**changes):
 
 
 def _rows(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_jsonl(path)  # a line torn by a kill is skipped, never an error
 
 
 def test_knowledge_answers_become_the_memory_steps_text(scripted, tmp_path):
@@ -222,6 +225,30 @@ def test_kill_mid_run_then_resume_never_reasks_finished_items(tmp_path):
         assert sorted(ids) == sorted(questions)  # each exactly once
         count = backend.count
         assert annotate(items, out, _config(), base_url=server.url).requests == 0 and backend.count == count
+        # the killed-and-resumed output is the output of a run that was never interrupted
+        annotate(items, tmp_path / "reference", _config(concurrency=1), base_url=server.url)
+    assert _content(out / "traces.jsonl") == _content(tmp_path / "reference" / "traces.jsonl")
+
+
+def _content(path):
+    """Each row's id, steps, answer and annotation record, sorted (row order follows finishing order)."""
+    return sorted(json.dumps([r["meta"]["id"], r["steps"], r["answer"], r["meta"]["annotation"]], sort_keys=True)
+                  for r in _rows(path))
+
+
+def test_a_line_torn_by_a_kill_is_dropped_and_its_item_annotated_again(scripted, tmp_path):
+    backend, server = scripted
+    items = _items("good", "fenced", "yes")
+    annotate(items, tmp_path, _config(), base_url=server.url)
+    path = tmp_path / "traces.jsonl"
+    complete = path.read_bytes()
+    lines = complete.splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2]) + lines[2][:len(lines[2]) // 2])  # killed in the middle of an append
+    served = backend.count
+    report = annotate(items, tmp_path, _config(), base_url=server.url)
+    assert report.skipped == 2 and report.requests == 0 and backend.count == served  # the cache answers
+    assert sorted(path.read_bytes().splitlines()) == sorted(complete.splitlines())  # nothing lost, nothing twice
+    assert (report.accepted, report.repaired) == (1, 2)
 
 
 def test_transport_failures_back_off_exponentially_then_succeed(tmp_path):
@@ -235,7 +262,7 @@ def test_transport_failures_back_off_exponentially_then_succeed(tmp_path):
 
     waits = []
     with Server(ScriptedBackend(flaky, model_id="annotator")) as server:
-        report = annotate(_items("good"), tmp_path, _config(backoff=0.5, retries=3), base_url=server.url,
+        report = annotate(_items("good"), tmp_path, _config(backoff=0.5, retries=3, jitter=0), base_url=server.url,
                           sleep=waits.append)
     assert waits == [0.5, 1.0]
     assert (report.accepted, report.requests, report.backoff_waits) == (1, 4, 2)
@@ -247,11 +274,12 @@ def test_retries_run_out_and_the_item_is_rejected_with_the_cause(tmp_path):
 
     waits = []
     with Server(ScriptedBackend(down, model_id="annotator")) as server:
-        report = annotate(_items("good"), tmp_path, _config(backoff=1.0, retries=2, max_backoff=1.5),
+        report = annotate(_items("good"), tmp_path, _config(backoff=1.0, retries=2, max_backoff=1.5, jitter=0),
                           base_url=server.url, sleep=waits.append)
     assert waits == [1.0, 1.5]  # capped
     assert report.rejected == 1 and dict(report.rejections) == {"plan: request failed": 1}
     assert "503" in report.rejected_items[0]["reason"]
+    assert report.failures == {"failing": 1} and "kept failing after every retry" in report.failure()
 
 
 def test_unknown_model_or_wrong_key_stops_the_run(scripted, tmp_path):
@@ -317,18 +345,6 @@ def test_api_key_is_never_written_or_logged(tmp_path, caplog):
     assert secret not in caplog.text
 
 
-def test_endpoint_comes_from_arguments_then_environment(monkeypatch):
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.setenv("MEMREASON_API_BASE", "http://127.0.0.1:9/v1")
-    monkeypatch.setenv("MEMREASON_API_KEY", "env-key")
-    assert resolve_endpoint() == ("http://127.0.0.1:9/v1", "env-key")
-    assert resolve_endpoint("http://x/v1", "k") == ("http://x/v1", "k")
-    monkeypatch.delenv("MEMREASON_API_KEY")
-    monkeypatch.setenv("OPENAI_API_KEY", "openai-key")
-    assert resolve_endpoint()[1] == "openai-key"
-
-
 @pytest.mark.parametrize("reply,category", [
     ("", "not JSON"),
     ('["a list"]', "wrong schema"),
@@ -383,15 +399,6 @@ def test_validate_facts_needs_one_fact_per_query():
             validate_facts(reply, 2)
 
 
-def test_cache_key_changes_with_prompt_model_seed_and_params():
-    base = dict(messages=plan_messages(Trace("q", (), "True"), "free"), model="m", seed=0, params={"t": 0.7})
-    key = ResponseCache.key(**base)
-    assert len(key) == 64 and ResponseCache.key(**base) == key
-    for change in ({"model": "n"}, {"seed": 1}, {"params": {"t": 0.8}},
-                   {"messages": plan_messages(Trace("q", (), "True"), "ordered")}):
-        assert ResponseCache.key(**{**base, **change}) != key
-
-
 def test_config_refuses_impossible_settings():
     for bad in ({"variant": "sideways"}, {"attempts": 0}, {"response_format": "xml"}, {"task": "nope"},
                 {"min_memory": 7, "min_reason": 7}):
@@ -425,9 +432,92 @@ def _paper_file(tmp_path):
     return path
 
 
-def test_openai_client_is_the_one_talking(scripted):
-    """Guard: the agent's endpoint client is the official one (``OpenAIChat`` wraps ``openai.OpenAI``)."""
-    from memreason.data.annotate import OpenAIChat
+# ---------------------------------------------------------------- when a run has failed (exit 1)
 
-    chat = OpenAIChat(scripted[1].url, "unused")
-    assert isinstance(chat._client, openai.OpenAI) and "unused" not in repr(chat)
+def test_a_run_fails_only_when_nothing_was_annotated_and_the_endpoint_is_why():
+    reason = "plan: request failed: still failing after 5 tries: APIConnectionError: Connection error."
+    unreachable = {"id": "a", "category": "plan: request failed", "reason": reason, "cause": "unreachable"}
+    report = AnnotationReport(total=3, rejected=3, failures=Counter(unreachable=2, refused=1),
+                              rejected_items=[unreachable], endpoint="http://127.0.0.1:9/v1")
+    assert report.failure() == (f"no item annotated: 2 of 3 failed at http://127.0.0.1:9/v1 ({reason}); start the "
+                                "server, or fix --base-url (or raise --timeout for a slow one)")
+    assert AnnotationReport(total=3, rejected=2, written=1, failures=Counter(unreachable=2)).failure() is None
+    assert AnnotationReport(total=3, rejected=3, rejections=Counter({"plan: not JSON": 3})).failure() is None
+    assert AnnotationReport(total=3, skipped=3, accepted=3).failure() is None  # nothing left to try
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_cli_exits_1_with_one_line_when_no_item_reaches_the_endpoint(tmp_path, capsys):
+    from memreason.cli import main
+
+    url = _closed_port_url()
+    code = main(["annotate", "--data", str(_paper_file(tmp_path)), "--task", "strategyqa", "--model", "m",
+                 "--out", str(tmp_path / "out"), "--base-url", url, "--retries", "0"])
+    captured = capsys.readouterr()
+    assert code == 1 and "3 items: 0 accepted, 0 repaired, 3 rejected" in captured.out
+    errors = [line for line in captured.err.splitlines() if "error" in line]
+    assert errors == [captured.err.strip().splitlines()[-1]] and "Traceback" not in captured.err
+    assert errors[0].startswith(f"memreason annotate: error: no item annotated: 3 of 3 failed at {url} (")
+    assert errors[0].endswith("start the server, or fix --base-url (or raise --timeout for a slow one)")
+    rejected = _rows(tmp_path / "out" / "rejected.jsonl")
+    assert [row["cause"] for row in rejected] == ["unreachable"] * 3
+
+
+def _no_endpoint(monkeypatch):
+    for name in ("MEMREASON_API_BASE", "OPENAI_BASE_URL", "MEMREASON_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_client(*args, **kwargs):
+        raise AssertionError("a client was built, so a request could be sent")
+
+    monkeypatch.setattr(openai, "OpenAI", no_client)
+
+
+def test_without_a_key_or_base_url_nothing_is_sent_or_written(tmp_path, monkeypatch):
+    _no_endpoint(monkeypatch)
+    with pytest.raises(ConfigError, match="set OPENAI_API_KEY or pass --base-url for a local endpoint"):
+        annotate(_items("good"), tmp_path / "out", _config())
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_without_a_key_or_base_url_fails_before_loading_anything(tmp_path, capsys, monkeypatch):
+    from memreason.cli import main
+
+    _no_endpoint(monkeypatch)
+    start = time.perf_counter()
+    code = main(["annotate", "--data", str(tmp_path / "missing.json"), "--task", "strategyqa", "--model", "gpt-4o",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and time.perf_counter() - start < 5
+    assert "set OPENAI_API_KEY or pass --base-url for a local endpoint" in err  # not "missing.json not found"
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- settings from a file
+
+def test_cli_reads_a_config_file_then_flags_then_overrides(scripted, tmp_path, capsys):
+    from memreason.cli import main
+
+    backend, server = scripted
+    config = tmp_path / "annotate.yaml"
+    config.write_text(f"model: annotator\ntask: strategyqa\nvariant: ordered\nbase_url: {server.url}\nseed: 5\n"
+                      "concurrency: 1\n")
+    code = main(["annotate", "--config", str(config), "--data", str(_paper_file(tmp_path)), "--out",
+                 str(tmp_path / "out"), "--seed", "7", "--no-knowledge", "limit=1"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "out" / "annotate_config.json").read_text())
+    assert (saved["variant"], saved["seed"], saved["fill_knowledge"], saved["model"]) == ("ordered", 7, False,
+                                                                                         "annotator")
+    assert backend.count == 1 and backend.requests[0].seed == 7  # one item, no knowledge call
+    capsys.readouterr()
+    bad = main(["annotate", "--config", str(config), "--data", "x.json", "--out", str(tmp_path / "o2"),
+                "varient=free", "attempts=zero"])
+    err = capsys.readouterr().err
+    assert bad == 2 and len(err.strip().splitlines()) == 1
+    assert "'varient' (did you mean variant?)" in err and "attempts: expected an integer" in err

@@ -50,7 +50,9 @@ MALFORMED = [
     ("step-untagged", [_with(cot_steps=["Ice floats."])], "strategyqa", "cot_steps[0]", "[tag]:"),
     ("step-unknown-tag", [_with(cot_steps=["[rag]: a", "[think]: b"])], "strategyqa", "cot_steps[1]", "unknown step tag [think]"),
     ("step-garbage-tag", [_with(cot_steps=["[reason] [rag]: b"])], "strategyqa", "cot_steps[0]", "[tag]:"),
-    ("step-empty-text", [_with(cot_steps=["[rag]:   "])], "strategyqa", "cot_steps[0]", "empty step text"),
+    ("step-compound-unknown-part", [_with(cot_steps=["[reason] and [plan]: b"])], "strategyqa", "cot_steps[0]", "unknown step tag [plan]"),
+    ("step-compound-one-bracket-unknown", [_with(cot_steps=["[think and plan]: b"])], "strategyqa", "cot_steps[0]", "unknown step tag [think and plan]"),
+    ("steps-null", [_with(cot_steps=None)], "strategyqa", "cot_steps", "expected a list"),
     ("split-number", [_with(split=3)], "strategyqa", "split", "expected a string"),
     ("csqa-letter-outside", [{"question": CSQA_Q, "answer": "F", "cot_steps": []}], "commonsenseqa", "answer", "not one of the options"),
     ("csqa-lowercase", [{"question": CSQA_Q, "answer": "a", "cot_steps": []}], "commonsenseqa", "answer", "not one of the options"),
@@ -123,6 +125,16 @@ def test_unknown_tag_drop_keeps_each_kind_on_its_own_step(tmp_path):
     # no shift of labels onto other steps (the original's bug B4), no relabel of [reasoning] (B3)
     assert traces[0].steps == (Step(MEMORY, "fact one"), Step(REASON, "derive"), Step(MEMORY, "fact two"))
     assert report.dropped_steps == {"plan": 1}
+
+
+def test_empty_step_text_is_dropped_and_counted_not_an_error(tmp_path):
+    # was the "step-empty-text" malformed case; issue 15: the paper's files hold such steps, so they are
+    # dropped by policy (counted) and the question stays loadable
+    record = _with(cot_steps=["[rag]:   ", "[reason]: Less dense things float, so True."])
+    traces, report = load_traces(_write(tmp_path, [record, _with(cot_steps=["[rag]:   "])]), task="strategyqa")
+    assert traces[0].steps == (Step(REASON, "Less dense things float, so True."),)
+    assert traces[1].steps == () and report.empty_steps == 2 and report.emptied == 1 and report.question_only == 1
+    assert "2 empty steps dropped" in report.summary()
 
 
 def test_empty_cot_steps_load_as_question_only_and_are_refused_for_training(tmp_path):
