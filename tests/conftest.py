@@ -77,3 +77,50 @@ def smollm2():
     from memreason.model import load
 
     return load(None, dtype="float32", device="cpu")
+
+
+REASONER_TRACES = [
+    ("Is ice lighter than water?", [("memory", "Ice is less dense than water."), ("reason", "Less dense things float.")],
+     "True"),
+    ("Is Paris in Spain?", [("memory", "Paris is the capital of France."), ("reason", "France is not Spain.")],
+     "False"),
+    ("Does water boil at 100 degrees?", [("memory", "Water boils at 100 degrees Celsius at sea level."),
+                                          ("reason", "So it does at sea level.")], "True"),
+]
+
+
+def build_tiny_reasoner(style: str = "compact", steps: int = 60):
+    """A tiny Llama trained in ~2 s to write ``REASONER_TRACES`` in the given token scheme after the plain
+    prompt: structured output (markers, steps, an answer line) for tests of parsing, revision and
+    confidences. Returns ``(model, tokenizer, scheme, traces)``."""
+    import torch
+
+    from memreason.model.tokens import TokenScheme, add_scheme_tokens, format_target
+    from memreason.tasks import get_task
+    from memreason.traces import Step, Trace
+
+    tokenizer = build_tiny_tokenizer()
+    scheme = TokenScheme(style, 3, 4) if style == "paper" else TokenScheme(style)
+    model = build_tiny_model(len(tokenizer))
+    add_scheme_tokens(model, tokenizer, scheme)
+    task = get_task("strategyqa")
+    traces = [Trace(q, tuple(Step(k, t) for k, t in s), a, {"id": f"r{i}"})
+              for i, (q, s, a) in enumerate(REASONER_TRACES)]
+    rows = [tokenizer(task.plain_prompt(t.question) + format_target(t, scheme), add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id] for t in traces]
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
+    torch.manual_seed(0)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    return model.eval(), tokenizer, scheme, traces
+
+
+@pytest.fixture(scope="session")
+def tiny_reasoner():
+    return build_tiny_reasoner()

@@ -200,3 +200,47 @@ def test_compare_refuses_disjoint_evaluations_rows_without_ids_and_duplicate_ids
         compare([anonymous], [_result("1", "correct")])
     with pytest.raises(DataError, match="appears twice"):
         compare([_result("1", "correct"), _result("1", "wrong")], [_result("1", "correct")])
+
+
+def test_rows_keep_prompt_token_ids_and_step_confidences_equal_to_a_separate_scoring_pass(tmp_path, tiny_reasoner):
+    import torch
+
+    from memreason.confidence import token_offsets
+    from memreason.generate import encode_prompts
+    from memreason.model.tokens import step_spans
+    from memreason.prompts import render_prompt
+
+    tiny_model, tiny_tokenizer, scheme, traces = tiny_reasoner
+    evaluate(tiny_model, tiny_tokenizer, traces, TASK, _settings(max_new_tokens=80, scheme=scheme.to_dict()),
+             tmp_path, batch_size=3)
+    checked = 0
+    for result, trace in zip(read_results(tmp_path / "results.jsonl"), traces):
+        assert result.prompt == render_prompt(trace.question, TASK, tiny_tokenizer, "plain")
+        assert tiny_tokenizer.decode(list(result.token_ids), skip_special_tokens=True) == result.raw
+        assert len(result.step_confidence) == len(result.steps)
+        prompt_ids = encode_prompts(tiny_tokenizer, [result.prompt])[0]
+        ids = torch.tensor([prompt_ids + list(result.token_ids)])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(tiny_model(ids).logits[0].float(), dim=-1)
+        scored = [logprobs[len(prompt_ids) - 1 + j, t].item() for j, t in enumerate(result.token_ids)]
+        offsets = token_offsets(tiny_tokenizer, list(result.token_ids))
+        for span, confidence in zip(step_spans(result.raw), result.step_confidence):
+            values = [lp for start, lp in zip(offsets, scored) if span.marker_end <= start < span.end]
+            if confidence is None:
+                assert not values
+                continue
+            assert confidence["n_tokens"] == len(values)
+            assert confidence["mean"] == pytest.approx(sum(values) / len(values), abs=1e-4)
+            assert confidence["min"] == pytest.approx(min(values), abs=1e-4)
+            checked += 1
+    assert checked >= 1
+
+
+def test_a_question_longer_than_the_context_is_one_clear_error_before_any_generation(tmp_path, tiny_model,
+                                                                                       tiny_tokenizer):
+    huge = [Trace("Is it? " * 20_000, (), "True", {"id": "big"})]
+    with pytest.raises(DataError, match="'big' is 140,000 characters"):
+        evaluate(tiny_model, tiny_tokenizer, huge, TASK, _settings(), tmp_path)
+    long = [Trace("word " * 600, (), "True", {"id": "long"})]
+    with pytest.raises(DataError, match="exceeds the model's 512-token context"):
+        evaluate(tiny_model, tiny_tokenizer, long, TASK, _settings(), tmp_path / "b")

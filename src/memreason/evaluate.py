@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+from memreason.confidence import step_confidences
 from memreason.errors import ConfigError, DataError
 from memreason.generate import generate_texts
 from memreason.io import OutputDir, append_jsonl, read_jsonl, write_json
@@ -103,8 +104,9 @@ def _majority(answers: Sequence[str | None]) -> str | None:
 
 
 def score_row(trace: Trace, texts: Sequence[str], n_tokens: Sequence[int], task: Task, settings: EvalSettings,
-              prompt: str | None = None) -> Result:
-    """One Result from the generated sample(s) of one question."""
+              prompt: str | None = None, token_ids: Sequence[int] | None = None,
+              step_confidence: Sequence | None = None) -> Result:
+    """One Result from the generated sample(s) of one question (ids and confidences: of the first)."""
     answers = [task.extract(text) for text in texts]
     predicted = answers[0] if len(texts) == 1 else _majority(answers)
     if predicted is None:
@@ -116,7 +118,10 @@ def score_row(trace: Trace, texts: Sequence[str], n_tokens: Sequence[int], task:
     return Result(trace=Trace(trace.question, parsed.steps, predicted, meta={"id": trace.id}), gold=trace.answer,
                   outcome=outcome, raw=texts[0], prompt=prompt, n_tokens=n_tokens[0],
                   marker_tokens=count_markers(texts[0]), task=task.name, task_version=task.version,
-                  seed=settings.seed, config=settings.digest(), samples=samples)
+                  seed=settings.seed, config=settings.digest(), samples=samples,
+                  token_ids=tuple(token_ids) if token_ids is not None else None,
+                  step_confidence=tuple(None if c is None else c.to_dict() for c in step_confidence)
+                  if step_confidence is not None else None)
 
 
 def summarise(results: Sequence[Result], settings: EvalSettings) -> dict:
@@ -161,6 +166,14 @@ def evaluate(model, tokenizer, traces: Sequence[Trace], task: Task, settings: Ev
         logger.info("resuming: %d of %d questions already done", len(traces) - len(todo), len(traces))
         if progress:
             progress(len(traces) - len(todo))
+    context = _context_length(model)
+    if context:
+        # a token is at least one character for these tokenizers' inputs, rarely more than ~16 of them:
+        # refuse a question that cannot fit before spending time tokenising it
+        for trace in todo:
+            if len(trace.question) > 16 * context:
+                raise DataError(f"question {trace.id!r} is {len(trace.question):,} characters, far beyond the model's "
+                                f"{context:,}-token context; shorten or drop it")
     sampling = settings.samples > 1
     # Generate in chunks of a few batches, appending each chunk's rows before starting the next.
     chunk = batch_size * 2
@@ -168,14 +181,20 @@ def evaluate(model, tokenizer, traces: Sequence[Trace], task: Task, settings: Ev
         part = todo[start:start + chunk]
         prompts = [render_prompt(t.question, task, tokenizer, settings.prompt_style, examples=examples)
                    for t in part]
+        if context:
+            _check_lengths(tokenizer, part, prompts, context, settings.max_new_tokens)
         samples = []
         for k in range(settings.samples):
             samples.append(generate_texts(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                           batch_size=batch_size, do_sample=sampling,
                                           temperature=settings.temperature, top_p=settings.top_p,
-                                          seed=settings.seed + 1000 * k + start))
-        rows = [score_row(t, [s[i].text for s in samples], [s[i].n_tokens for s in samples], task, settings,
-                          prompt=prompts[i]) for i, t in enumerate(part)]
+                                          seed=settings.seed + 1000 * k + start, logprobs=k == 0))
+        rows = []
+        for i, t in enumerate(part):
+            first = samples[0][i]
+            confidence = step_confidences(tokenizer, first.text, first.ids, first.logprobs)
+            rows.append(score_row(t, [s[i].text for s in samples], [s[i].n_tokens for s in samples], task, settings,
+                                  prompt=prompts[i], token_ids=first.ids, step_confidence=confidence))
         append_jsonl(out.file(RESULTS), [r.to_dict() for r in rows])
         if progress:
             progress(len(part))
@@ -184,6 +203,22 @@ def evaluate(model, tokenizer, traces: Sequence[Trace], task: Task, settings: Ev
     summary = summarise(results, settings)
     write_json(out.file(SUMMARY), summary)
     return summary
+
+
+def _context_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _check_lengths(tokenizer, traces: Sequence[Trace], prompts: Sequence[str], context: int, max_new_tokens: int):
+    """Every prompt plus its generation budget fits the model's context (else one clear DataError)."""
+    from memreason.generate import encode_prompts
+
+    for trace, ids in zip(traces, encode_prompts(tokenizer, prompts)):
+        if len(ids) + max_new_tokens > context:
+            raise DataError(f"question {trace.id!r}: its prompt is {len(ids):,} tokens; with max_new_tokens "
+                            f"{max_new_tokens} it exceeds the model's {context:,}-token context")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,7 +298,8 @@ class EvalJob:
         shots (int): worked examples from the train split shown in every prompt (for untrained models).
         prompt_style: None = the run's own style (auto for base models).
         overwrite (bool): discard results already in ``out``; device, dtype: as ``memreason.model.load``.
-        skip_invalid, on_unknown_tag: passed to the dataset loader.
+        skip_invalid, on_unknown_tag, compound_tag, columns: passed to the dataset loader (see
+            ``memreason data check``: what it validates is what this job validates).
     """
 
     model: str | None = None
@@ -285,6 +321,8 @@ class EvalJob:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     skip_invalid: bool = False
     on_unknown_tag: Literal["error", "drop"] = "error"
+    compound_tag: Literal["first", "memory", "reason", "drop"] = "first"
+    columns: str | None = None
 
 
 def check_job(job: EvalJob) -> list[str]:
@@ -309,6 +347,13 @@ def check_job(job: EvalJob) -> list[str]:
         problems.append(f"top_p must be in (0, 1], got {job.top_p}")
     if job.task is not None and job.task not in task_names():
         problems.append(f"task: unknown task {job.task!r}; choose one of {', '.join(task_names())}")
+    if job.columns is not None:
+        from memreason.data.hub import parse_columns
+
+        try:
+            parse_columns(job.columns)
+        except DataError as exc:
+            problems.append(f"columns: {exc}")
     if job.device.startswith("cuda"):
         import torch
 
@@ -317,7 +362,7 @@ def check_job(job: EvalJob) -> list[str]:
     return problems
 
 
-def few_shot_examples(source: str, task: Task, shots: int, seed: int) -> list[Trace]:
+def few_shot_examples(source: str, task: Task, shots: int, seed: int, **loader) -> list[Trace]:
     """``shots`` worked examples with steps from the train split of ``source``, drawn with ``seed``.
 
     Raises:
@@ -327,7 +372,7 @@ def few_shot_examples(source: str, task: Task, shots: int, seed: int) -> list[Tr
 
     if not shots:
         return []
-    pool, _ = load_traces(source, task=task, split="train", on_unknown_tag="drop", skip_invalid=True)
+    pool, _ = load_traces(source, task=task, split="train", on_unknown_tag="drop", skip_invalid=True, **loader)
     pool = [t for t in pool if t.steps]
     if len(pool) < shots:
         raise ConfigError(f"--shots {shots} needs that many train-split examples with steps in {source}")
@@ -344,22 +389,23 @@ def run_job(job: EvalJob, *, progress: Callable[[int], None] | None = None,
         ConfigError, DataError, ModelLoadError: bad settings, data or model, each with one clear line.
     """
     import memreason
-    from memreason.data import load_traces
-    from memreason.prompts import resolve_style
+    from memreason.data import load_dataset, source_task
 
     problems = check_job(job)
     if problems:
         raise ConfigError("; ".join(problems))
-    reasoner = memreason.load(job.model, task=job.task, dtype=job.dtype, device=job.device,
-                              max_new_tokens=job.max_new_tokens)
+    columns = job.columns if job.columns is not None else "auto"
+    reasoner = memreason.load(job.model, task=job.task or source_task(job.data, columns), dtype=job.dtype,
+                              device=job.device, max_new_tokens=job.max_new_tokens)
     task = reasoner.task
-    traces, _ = load_traces(job.data, task=task, split=job.split, on_unknown_tag=job.on_unknown_tag,
-                            skip_invalid=job.skip_invalid)
+    loader = dict(compound_tag=job.compound_tag, columns=columns)
+    traces, _ = load_dataset(job.data, task=task, split=job.split, on_unknown_tag=job.on_unknown_tag,
+                             skip_invalid=job.skip_invalid, **loader)
     if job.limit is not None:
         traces = traces[:job.limit]
-    if not traces:
-        raise ConfigError(f"no questions in {job.data} (split {job.split})")
-    examples = few_shot_examples(job.data, task, job.shots, job.seed)
+    examples = few_shot_examples(job.data, task, job.shots, job.seed, **loader)
+    from memreason.prompts import resolve_style
+
     style = resolve_style(job.prompt_style or reasoner.prompt_style, reasoner.tokenizer)
     settings = EvalSettings(model=reasoner.name, task=task.name, source=job.data, split=job.split,
                             prompt_style=style, scheme=reasoner.scheme.to_dict(), max_new_tokens=job.max_new_tokens,

@@ -34,11 +34,16 @@ class Generation:
         text (str): the generated part only (never the prompt), markers kept.
         n_tokens (int): generated tokens up to and including the stop (EOS or the answer line's newline).
         stopped (str): ``"answer"`` (answer line complete), ``"eos"`` or ``"length"`` (hit max_new_tokens).
+        ids (tuple[int, ...]): the generated token ids (``n_tokens`` of them).
+        logprobs (tuple[float, ...] | None): each generated token's log-probability under the model's own
+            (unprocessed) next-token distribution, from the generation's forward passes; None unless asked.
     """
 
     text: str
     n_tokens: int
     stopped: str
+    ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] | None = None
 
 
 def answer_complete(text: str) -> bool:
@@ -199,34 +204,76 @@ class _RowStopper:
         return self.done.to(input_ids.device).clone()
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 16,
-                   stop_at_answer: bool = True, do_sample: bool = False, temperature: float = 1.0,
-                   top_p: float = 1.0, seed: int = 0,
-                   progress: Callable[[int], None] | None = None) -> list[Generation]:
-    """Generate one continuation per prompt, in the prompts' order.
+class _TokenLogprobs:
+    """A logits processor that records the log-probability of each chosen token, changing nothing.
+
+    At step t it sees the raw next-token scores; the token chosen from them is known one step later (the
+    last id of the next call's ``input_ids``, or of the output after the last step), so only one step's
+    distribution is ever held: ``[batch, vocab]``.
+    """
+
+    def __init__(self):
+        self.pending = None
+        self.steps: list = []
+
+    def _take(self, chosen) -> None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(-1, chosen[:, None].to(self.pending.device))[:, 0].cpu())
+            self.pending = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.steps or self.pending is not None:
+            self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float(), dim=-1)  # [batch, vocab]
+        return scores
+
+    def finish(self, output) -> list[list[float]]:
+        """Per row, the log-probability of every generated token."""
+        import torch
+
+        self._take(output[:, -1])
+        if not self.steps:
+            return [[] for _ in range(output.shape[0])]
+        return torch.stack(self.steps, dim=1).tolist()  # [batch, steps]
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], **kwargs) -> list[Generation]:
+    """Generate one continuation per rendered prompt, in the prompts' order (see ``generate_ids``)."""
+    return generate_ids(model, tokenizer, encode_prompts(tokenizer, prompts), **kwargs)
+
+
+def generate_ids(model, tokenizer, sequences: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                 batch_size: int = 16, stop_at_answer: bool = True, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, logprobs: bool = False,
+                 progress: Callable[[int], None] | None = None) -> list[Generation]:
+    """Generate one continuation per token-id prompt, in the given order.
 
     Args:
         model: a causal LM (plain, PEFT-wrapped or merged).
-        tokenizer: its tokenizer; prompts are already rendered text (see ``memreason.prompts``).
+        tokenizer: its tokenizer.
+        sequences: prompt token ids (a rendered prompt, possibly followed by teacher-forced output).
         max_new_tokens (int, default 256): hard cap per row.
         batch_size (int, default 16): rows per ``generate`` call (prompts sorted by length first).
         stop_at_answer (bool, default True): stop a row once its answer line is complete.
         do_sample / temperature / top_p / seed: sampling only on request; the seed is set before each batch.
+        logprobs (bool, default False): also record each generated token's log-probability.
         progress: called with the number of prompts finished after each batch.
 
     Returns:
         list[Generation]
     """
     import torch
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    if not prompts:
+    if not sequences:
         return []
     stop_ids = set(eos_ids(model, tokenizer))
     pad = pad_id(tokenizer, sorted(stop_ids))
-    encoded = encode_prompts(tokenizer, prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    results: list[Generation | None] = [None] * len(prompts)
+    encoded = [list(s) for s in sequences]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    results: list[Generation | None] = [None] * len(encoded)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -236,8 +283,11 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
             batch = left_pad([encoded[i] for i in rows], pad, device)
             width = batch["input_ids"].shape[1]
             stopper = _RowStopper(tokenizer, width, len(rows), stop_ids, stop_at_answer)
+            recorder = _TokenLogprobs() if logprobs else None
             kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
                           eos_token_id=sorted(stop_ids), stopping_criteria=StoppingCriteriaList([stopper]))
+            if recorder is not None:
+                kwargs["logits_processor"] = LogitsProcessorList([recorder])
             if do_sample:
                 torch.manual_seed(seed + start)
                 kwargs.update(temperature=temperature, top_p=top_p)
@@ -245,11 +295,14 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
                 kwargs.update(temperature=None, top_p=None, top_k=None)
             with torch.no_grad():
                 output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+            token_logprobs = recorder.finish(output) if recorder is not None else None
             for r, i in enumerate(rows):
                 generated = output[r, width:]
                 length = stopper.lengths[r] if stopper.done[r] else generated.shape[0]
-                text = tokenizer.decode(generated[:length], skip_special_tokens=True)
-                results[i] = Generation(text=text, n_tokens=length, stopped=stopper.reasons[r])
+                ids = tuple(generated[:length].tolist())
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                results[i] = Generation(text=text, n_tokens=length, stopped=stopper.reasons[r], ids=ids,
+                                        logprobs=tuple(token_logprobs[r][:length]) if token_logprobs else None)
             if progress:
                 progress(len(rows))
     finally:

@@ -134,7 +134,8 @@ _RESULT_REQUIRED = ("id", "question", "outcome")
 # Keys derived from other fields on writing (for pandas users), never read back.
 _DERIVED = ("n_memory", "n_reason")
 _RESULT_FIELDS = ("schema", "id", "question", "gold", "predicted", "outcome", "steps", "raw", "prompt", "n_tokens",
-                  "marker_tokens", "task", "task_version", "seed", "config", "samples") + _DERIVED
+                  "marker_tokens", "task", "task_version", "seed", "config", "samples", "token_ids",
+                  "step_confidence") + _DERIVED
 
 
 class ResultFormatError(ValueError):
@@ -156,6 +157,10 @@ class Result:
         task (str | None), task_version (int | None), seed (int | None), config (str | None): how the row
             was made (``config`` is the settings digest).
         samples (tuple[dict, ...] | None): per-sample ``raw``/``predicted`` when several were drawn.
+        token_ids (tuple[int, ...] | None): the generated token ids of ``raw`` (revision teacher-forces
+            exactly these); None in rows written before schema 2.
+        step_confidence (tuple[dict | None, ...] | None): per step, the model's own ``mean``/``min`` token
+            log-probability and ``n_tokens`` (``memreason.confidence``); None when not recorded.
         extra (dict): any other keys of the row (repair provenance, confidences, ...), kept on a round trip.
     """
 
@@ -171,6 +176,8 @@ class Result:
     seed: int | None = None
     config: str | None = None
     samples: tuple[dict, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+    step_confidence: tuple[dict | None, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -199,6 +206,10 @@ class Result:
                "task_version": self.task_version, "seed": self.seed, "config": self.config}
         if self.samples is not None:
             row["samples"] = [dict(s) for s in self.samples]
+        if self.step_confidence is not None:
+            row["step_confidence"] = [None if c is None else dict(c) for c in self.step_confidence]
+        if self.token_ids is not None:
+            row["token_ids"] = list(self.token_ids)
         row.update(self.extra)
         return row
 
@@ -223,12 +234,14 @@ class Result:
             trace = Trace(question=row["question"], steps=steps, answer=row.get("predicted"), meta={"id": row["id"]})
         except (KeyError, TypeError, ValueError) as exc:
             raise ResultFormatError(f"malformed steps in row {row.get('id')!r}: {exc}") from None
-        samples = row.get("samples")
+        samples, token_ids, confidence = row.get("samples"), row.get("token_ids"), row.get("step_confidence")
         return cls(trace=trace, gold=row.get("gold"), outcome=row["outcome"], raw=row.get("raw") or "",
                    prompt=row.get("prompt"), n_tokens=int(row.get("n_tokens") or 0),
                    marker_tokens=int(row.get("marker_tokens") or 0), task=row.get("task"),
                    task_version=row.get("task_version"), seed=row.get("seed"), config=row.get("config"),
                    samples=tuple(samples) if samples is not None else None,
+                   token_ids=tuple(int(t) for t in token_ids) if token_ids is not None else None,
+                   step_confidence=tuple(confidence) if confidence is not None else None,
                    extra={k: v for k, v in row.items() if k not in _RESULT_FIELDS})
 
     def replace(self, **changes) -> "Result":

@@ -38,7 +38,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls, flags: Sequence
     for name in flags:
         text = help.get(name, "")
         default = defaults.get(name, None)
-        shown = f" (default: {default})" if name in defaults else ""
+        shown = f" (default: {default})" if name in defaults and default not in ("", None) else ""
         dest = f"set_{name}"
         if _flag_type(hints[name]) is bool:
             parser.add_argument(f"--{name.replace('_', '-')}", dest=dest, action="store_const", const="true",
@@ -47,7 +47,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls, flags: Sequence
             parser.add_argument(f"--{name.replace('_', '-')}", dest=dest, default=argparse.SUPPRESS,
                                 metavar=name.upper(), help=f"{text}{shown}".strip())
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides applied last, e.g. max_new_tokens=128")
+                        help="dotted overrides of the keys above, applied last (e.g. seed=1)")
 
 
 def settings_from_args(cls, args: argparse.Namespace, *, validate: Callable[[Any], list[str]] | None = None):

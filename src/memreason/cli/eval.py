@@ -7,7 +7,7 @@ import argparse
 from memreason.cli._settings import add_settings_arguments, settings_from_args
 
 FLAGS = ("model", "data", "task", "split", "out", "batch_size", "max_new_tokens", "samples", "temperature", "top_p",
-         "seed", "limit", "shots", "prompt_style", "overwrite", "device", "dtype", "skip_invalid", "on_unknown_tag")
+         "seed", "limit", "shots", "prompt_style", "overwrite", "device", "dtype", "skip_invalid", "on_unknown_tag", "compound_tag", "columns")
 HELP = {
     "model": "a run directory from `memreason train`, a model dir, a .gguf file or a hub id "
              "(none: the embedded SmolLM2, untrained)",
@@ -21,6 +21,8 @@ HELP = {
     "prompt_style": "auto, plain or chat (none: the run's own style)",
     "overwrite": "discard results already in --out",
     "skip_invalid": "skip malformed records and report counts", "on_unknown_tag": "error or drop",
+    "compound_tag": "how a compound step tag such as [reason] and [rag] is read: first, memory, reason or drop",
+    "columns": "hub column mapping: a preset (commonsenseqa, strategyqa, truthfulqa-mc) or key=column pairs",
 }
 
 

@@ -161,20 +161,25 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub's host resolves. Without this check, an offline machine spends ~50 s in
     huggingface_hub's retry loop before failing."""
     import socket
+    import threading
     from urllib.parse import urlparse
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-    finally:
-        socket.setdefaulttimeout(previous)
+    resolved: list[bool] = []
+
+    def resolve() -> None:
+        try:
+            resolved.append(bool(socket.getaddrinfo(host, 443)))
+        except OSError:
+            resolved.append(False)
+
+    # getaddrinfo ignores socket timeouts; a daemon thread bounds the wait without process-wide state
+    thread = threading.Thread(target=resolve, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(resolved and resolved[0])
 
 
 def load(name_or_path: str | os.PathLike | None = None, *, dtype="auto", device: str | None = "auto",
