@@ -365,7 +365,11 @@ def _instantiate(cls, tree: dict, prefix: str, problems: _Problems):
     kwargs = {}
     for key, value in tree.items():
         tp = fields[key]
-        kwargs[key] = _instantiate(tp, value, f"{prefix}{key}.", problems) if dataclasses.is_dataclass(tp) else value
+        if dataclasses.is_dataclass(tp):
+            value = _instantiate(tp, value, f"{prefix}{key}.", problems)
+            if value is None:  # the section's own problem is recorded; its default stands in
+                continue
+        kwargs[key] = value
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -489,10 +493,10 @@ def load_settings(cls, path: str | Path | None = None, overrides: list[str] | tu
             continue
         _set_dotted(text_tree, key.strip(), value.strip(), problems)
     _deep_update(tree, _check_tree(cls, text_tree, "", True, problems))
-    problems.raise_if_any()
     cfg = _instantiate(cls, tree, "", problems)
-    problems.raise_if_any()
-    if validate is not None:
+    # Keys that failed their type check were left out (their defaults stand in), so the range checks
+    # still run and every problem is reported in one go.
+    if cfg is not None and validate is not None:
         problems.extend(validate(cfg))
     problems.raise_if_any()
     return cfg

@@ -39,6 +39,26 @@ def _ensure_parent(path: Path) -> None:
         raise ConfigError(f"cannot write {path}: permission denied on {parent}") from None
 
 
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """``path`` as an existing, writable directory (created with its parents when missing).
+
+    Raises:
+        ConfigError: it is a file, a parent is a file, or it cannot be created or written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory {path} is a file; give a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError):
+        raise ConfigError(f"cannot create output directory {path}: a parent of it is a file") from None
+    except PermissionError:
+        raise ConfigError(f"cannot create output directory {path}: permission denied") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"output directory {path} is not writable")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
     """Replace ``path`` with ``data`` (text is written as UTF-8) so that readers never see a partial file.
 
@@ -104,6 +124,8 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path} nests JSON too deeply to be a {what}") from None
 
 
 def _split_jsonl(path: Path, data: bytes) -> tuple[list[Any], int | None]:
@@ -116,6 +138,8 @@ def _split_jsonl(path: Path, data: bytes) -> tuple[list[Any], int | None]:
         if line.strip():
             try:
                 rows.append(json.loads(line.decode("utf-8")))
+            except RecursionError:
+                raise DataError(f"{path}:{number} nests JSON too deeply") from None
             except UnicodeDecodeError:
                 raise DataError(f"{path}:{number} is not UTF-8 text; expected JSON lines") from None
             except json.JSONDecodeError as exc:
@@ -146,6 +170,9 @@ def read_jsonl(path: str | os.PathLike, *, what: str = "JSONL file") -> list[Any
         raise DataError(f"{path} is a directory; expected a {what}") from None
     rows, torn = _split_jsonl(path, data)
     if torn is not None:
+        if not rows:
+            # nothing but one unfinished line: not a file some run of ours was appending to
+            raise DataError(f"{path} holds no complete JSON line; expected a {what}")
         logger.warning("%s: ignoring a torn last line (an interrupted write)", path)
     return rows
 
@@ -227,17 +254,7 @@ class OutputDir:
     def __init__(self, path: str | os.PathLike, settings: Any, *, overwrite: bool = False,
                  config_name: str = "config.json", digest_key: str = "config_hash",
                  outputs: tuple[str, ...] = ()):
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"output directory {self.path} is a file; give a directory path")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except (NotADirectoryError, FileExistsError):
-            raise ConfigError(f"cannot create output directory {self.path}: a parent of it is a file") from None
-        except PermissionError:
-            raise ConfigError(f"cannot create output directory {self.path}: permission denied") from None
-        if not os.access(self.path, os.W_OK):
-            raise ConfigError(f"output directory {self.path} is not writable")
+        self.path = ensure_dir(path)
         self.settings = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
         self.digest = settings_digest(self.settings)
         self.config_path = self.path / config_name

@@ -55,16 +55,16 @@ def run(args) -> int:
     from memreason.evaluate import RESULTS, SUMMARY, check_job, run_job
 
     job = settings_from_args(_job_class(), args, validate=check_job)
-    bar = tqdm(total=0, desc="eval", unit="q")
+    bars = []  # the bar opens once the questions are loaded, so an early error is the only line printed
 
     def start(total: int) -> None:
-        bar.total = total
-        bar.refresh()
+        bars.append(tqdm(total=total, desc="eval", unit="q"))
 
     try:
-        summary = run_job(job, progress=bar.update, on_start=start)
+        summary = run_job(job, progress=lambda n: bars[-1].update(n), on_start=start)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     out = Path(job.out)
     print(format_table(SUMMARY_HEADERS, [summary_row(summary["config"]["model"], summary)]))
     print(f"results: {out / RESULTS}\nsummary: {out / SUMMARY}")

@@ -138,12 +138,16 @@ def _read_records(path: Path) -> Iterable[tuple[int, Any]]:
                 continue
             try:
                 yield i, json.loads(line)
+            except RecursionError:
+                raise DataError("nests JSON too deeply", file=str(path), record=i) from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"not valid JSON (line {i + 1}, column {exc.colno}): {exc.msg}",
                                 file=str(path), record=i) from None
         return
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError("nests JSON too deeply to be a dataset", file=str(path)) from None
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}", file=str(path)) from None
     if not isinstance(data, list):

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from memreason.errors import ConfigError
-from memreason.io import atomic_write
+from memreason.io import atomic_write, ensure_dir
 from memreason.traces import MEMORY, REASON, Step, Trace
 
 WORLD_FORMAT = "memreason-world/1"
@@ -361,8 +361,7 @@ def write_world(world: World, directory: str | Path) -> dict[str, Path]:
     Returns:
         dict[str, Path]: the written paths by short name.
     """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(directory)
     paths_out = {name: out / file for name, file in (("world", "world.json"), ("questions", "questions.jsonl"),
                                                      ("corpus", "corpus.jsonl"), ("facts", "facts.json"))}
     questions = {t.id: {k: v for k, v in t.meta.items() if k not in ("id", "step_facts")}

@@ -222,8 +222,11 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype="auto", device:
         raise ModelLoadError(
             f"could not load '{checkpoint}' from the model hub (no network access to the model hub, or no "
             f"such model); pass a local path instead. Details: {exc}") from exc
-    except (ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"could not load '{checkpoint}': {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt weights (SafetensorError), invalid config fields, ...
+        what = f"the checkpoint in {checkpoint}" if Path(checkpoint).exists() else f"'{checkpoint}'"
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelLoadError(f"could not load {what} ({type(exc).__name__}: {detail}); is it a complete "
+                             "Hugging Face model directory?") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
