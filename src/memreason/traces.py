@@ -229,6 +229,14 @@ class Result:
         missing = [key for key in _RESULT_REQUIRED if key not in row]
         if missing:
             raise ResultFormatError(f"not a memreason results row: missing {', '.join(missing)}")
+        for key, types in (("question", str), ("outcome", str), ("raw", (str, type(None))),
+                           ("prompt", (str, type(None))), ("n_tokens", (int, type(None))),
+                           ("marker_tokens", (int, type(None))), ("steps", (list, type(None))),
+                           ("token_ids", (list, type(None))), ("step_confidence", (list, type(None))),
+                           ("samples", (list, type(None)))):
+            if key in row and (not isinstance(row[key], types) or isinstance(row[key], bool)):
+                raise ResultFormatError(f"field {key!r} of row {row.get('id')!r} has the wrong type "
+                                        f"({type(row[key]).__name__})")
         try:
             steps = tuple(Step(s["kind"], s["text"]) for s in row.get("steps") or ())
             trace = Trace(question=row["question"], steps=steps, answer=row.get("predicted"), meta={"id": row["id"]})

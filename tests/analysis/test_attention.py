@@ -1,5 +1,6 @@
-"""Tests of memreason.analysis.attention: span bookkeeping, masses, aggregation, the teacher-forcing driver
-and the `inspect attention` verb, on tiny models (and one SmolLM2 check)."""
+"""Tests of memreason.analysis.attention: span kinds of tokens, masses, the teacher-forcing driver, the
+prompts rows were given, and the `inspect attention` verb, on tiny models (and one SmolLM2 check). The
+grammar that cuts generated text into spans is tested with it, in tests/model/test_tokens.py."""
 
 from __future__ import annotations
 
@@ -10,68 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attention_fixtures import TRACE, scheme_tokenizer  # noqa: F401 - a fixture
+from attention_fixtures import prompt_for as _prompt
 from conftest import build_tiny_model, build_tiny_tokenizer
 from memreason.analysis import attention as A
-from memreason.model.tokens import TokenScheme, add_scheme_tokens, format_target, parse
-from memreason.traces import MEMORY, REASON, Step, Trace
-
-TRACE = Trace("Is the Pacific Ocean larger than the Atlantic Ocean?",
-              (Step(MEMORY, "The Pacific Ocean is the largest ocean on Earth."),
-               Step(MEMORY, "The Atlantic Ocean is the second largest."),
-               Step(REASON, "So the Pacific is larger than the Atlantic.")), "True")
-
-
-def _prompt(tokenizer, question=TRACE.question):
-    return tokenizer.apply_chat_template([{"role": "user", "content": f"Question: {question}"}],
-                                         add_generation_prompt=True, tokenize=False)
-
-
-@pytest.fixture
-def scheme_tokenizer():
-    """Tiny tokenizer and model with paper-scheme tokens (P=2, S=2) added as single tokens."""
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(len(tokenizer))
-    scheme = TokenScheme("paper", n_prefix=2, n_special=2)
-    add_scheme_tokens(model, tokenizer, scheme)
-    model.set_attn_implementation("eager")
-    return tokenizer, model, scheme
-
-
-# ---------------------------------------------------------------- segments
-
-def test_segments_of_a_paper_trace_follow_its_markers():
-    raw = format_target(TRACE, TokenScheme("paper", 2, 2))
-    segments = A.segment_text(raw)
-    assert [s.kind for s in segments] == ["memory", "memory", "reason", "answer"]
-    assert segments[0].start == 0 and segments[-1].end == len(raw)
-    assert all(a.end == b.start for a, b in zip(segments, segments[1:]))
-    assert raw[segments[0].start:segments[0].marker_end] == "<prefix_0><prefix_1><memory_0><memory_1>"
-
-
-def test_plain_text_segments_are_lines_and_blank_lines_join_the_line_before():
-    raw = "False.\n\nThe answer is: True.\n"
-    segments = A.segment_text(raw)
-    assert [(s.kind, raw[s.start:s.end]) for s in segments] == [("step", "False.\n\n"),
-                                                                 ("answer", "The answer is: True.\n")]
-
-
-def test_prefix_only_last_run_with_the_answer_phrase_is_the_answer():
-    raw = "<prefix_0> a fact\n<prefix_0> The answer is: True"
-    assert [s.kind for s in A.segment_text(raw)] == ["step", "answer"]
-
-
-@settings(max_examples=40, deadline=None)
-@given(kinds=st.lists(st.sampled_from([MEMORY, REASON]), min_size=0, max_size=5),
-       style=st.sampled_from([("paper", 3, 4), ("paper", 1, 1), ("compact", 3, 4)]))
-def test_segment_kinds_agree_with_parse(kinds, style):
-    trace = Trace("q?", tuple(Step(k, f"step number {i} text.") for i, k in enumerate(kinds)), "True")
-    raw = format_target(trace, TokenScheme(*style))
-    segments = A.segment_text(raw)
-    assert sum(s.end - s.start for s in segments) == len(raw)
-    step_kinds = [s.kind for s in segments if s.kind != "answer"]
-    assert step_kinds == [s.kind for s in parse(raw).steps]
-    assert segments[-1].kind == "answer"
-
+from memreason.analysis import attention_tables as T
+from memreason.model.tokens import format_target
+from memreason.traces import Result
 
 # ---------------------------------------------------------------- token spans
 
@@ -187,90 +133,36 @@ def test_teacher_force_refuses_a_model_without_attention_weights(tiny_tokenizer)
     assert example.masses.n_queries[A.QUERY_GROUPS.index("answer")] > 0
 
 
-def test_rebuild_prompts_shows_the_evaluations_worked_examples_and_style(tiny_tokenizer):
+def _legacy_row(question, task="strategyqa", rid="x"):
+    """A row as results schema 1 wrote it: no prompt recorded."""
+    return Result.from_dict({"id": rid, "question": question, "outcome": "correct", "task": task})
+
+
+def test_legacy_rows_get_the_evaluations_worked_examples_and_style_rebuilt(tiny_tokenizer):
     from memreason.data import load_traces
     from memreason.errors import DataError
 
     shot = load_traces("bundled:strategyqa", task="strategyqa", split="train")[0][3]
     config = {"task": "strategyqa", "source": "bundled:strategyqa", "prompt_style": "plain",
               "extra": {"shots": [shot.id]}}
-    row = {"question": "Is the Pacific Ocean larger?", "task": "strategyqa"}
-    prompt = A.rebuild_prompts([row], config, tiny_tokenizer)[0]
-    assert prompt.startswith(f"Question: {shot.question}") and prompt.rstrip().endswith(row["question"])
-    chat = A.rebuild_prompts([row], config, tiny_tokenizer, prompt_style="chat")[0]
+    row = _legacy_row("Is the Pacific Ocean larger?")
+    assert row.prompt is None
+    prompt = A.row_prompts([row], config, tiny_tokenizer)[0]
+    assert prompt.startswith(f"Question: {shot.question}") and prompt.rstrip().endswith(row.question)
+    chat = A.row_prompts([row], config, tiny_tokenizer, prompt_style="chat")[0]
     assert chat.startswith("<|im_start|>user") and shot.question in chat
     with pytest.raises(DataError, match="not in its train split"):
-        A.rebuild_prompts([row], {**config, "extra": {"shots": ["no-such-id"]}}, tiny_tokenizer)
+        A.row_prompts([row], {**config, "extra": {"shots": ["no-such-id"]}}, tiny_tokenizer)
 
 
-# ---------------------------------------------------------------- aggregation and files
-
-def _result(scheme_tokenizer, n=3):
-    tokenizer, model, scheme = scheme_tokenizer
-    rows, examples = [], []
-    for i in range(n):
-        trace = Trace(TRACE.question, TRACE.steps[:i + 1] if i < 2 else TRACE.steps[2:], "True")
-        raw = format_target(trace, scheme)
-        row = {"id": f"q{i}", "question": trace.question, "raw": raw, "outcome": "correct"}
-        rows.append(row)
-        examples.append((row, A.teacher_force(model, tokenizer, _prompt(tokenizer), raw, question=trace.question)))
-    return A.collect(examples, {"model": "tiny"})
-
-
-def test_layer_table_means_over_the_partition_sum_to_one_and_markers_is_their_sum(scheme_tokenizer):
-    result = _result(scheme_tokenizer)
-    rows = A.layer_table(result)
-    for layer in range(result.n_layers):
-        for group in ("memory", "answer", "markers"):
-            cells = {r["key"]: r for r in rows if r["layer"] == layer and r["query"] == group}
-            assert sum(cells[k]["mean"] for k in A.KEY_KINDS) == pytest.approx(1.0, abs=1e-6)
-            assert cells["markers"]["mean"] == pytest.approx(sum(cells[k]["mean"] for k in A.MARKER_KINDS))
-            for cell in cells.values():
-                assert cell["ci_low"] - 1e-9 <= cell["mean"] <= cell["ci_high"] + 1e-9
-    # the reason-only example (q2) has no memory steps: answer→memory is averaged over 3, seen in 2
-    answer_memory = next(r for r in rows if r["layer"] == 0 and r["query"] == "answer" and r["key"] == "memory")
-    assert (answer_memory["n"], answer_memory["n_seen"]) == (3, 2)
-    assert answer_memory["mean_when_seen"] == pytest.approx(answer_memory["mean"] * 3 / 2)
-
-
-def test_bootstrap_ci_is_a_point_for_constant_values_and_ignores_invalid_entries():
-    import numpy as np
-
-    values = np.array([[0.5, 1.0], [0.5, 3.0], [0.5, 99.0]])
-    valid = np.array([[True, True], [True, True], [True, False]])
-    mean, low, high, n = A.bootstrap_mean_ci(values, valid, seed=1)
-    assert mean.tolist() == [0.5, 2.0] and n.tolist() == [3, 2]
-    assert low[0] == pytest.approx(0.5) and high[0] == pytest.approx(0.5)
-    assert 1.0 <= low[1] <= 2.0 <= high[1] <= 3.0
-
-
-def test_save_then_load_round_trips_without_a_model(scheme_tokenizer, tmp_path):
-    import numpy as np
-
-    result = _result(scheme_tokenizer)
-    paths = A.save(result, tmp_path)
-    back = A.load(tmp_path)
-    assert back.ids == result.ids
-    assert np.allclose(back.mass, result.mass) and np.array_equal(back.n_queries, result.n_queries)
-    assert A.read_table(paths["by_layer"])[0]["layer"] == 0
-    summary = json.loads(paths["summary"].read_text())
-    assert summary["n_examples"] == 3 and summary["model"] == "tiny"
-    counts = [json.loads(line) for line in paths["tokens"].read_text().splitlines()]
-    assert counts[2]["marker_memory"] == 0 and counts[2]["marker_reason"] == 4
-
-
-def test_plots_write_pngs_from_tables_alone(scheme_tokenizer, tmp_path):
-    from memreason.analysis.plots import plot_layer_heatmap, plot_token_heatmap
-
-    tokenizer, model, scheme = scheme_tokenizer
-    result = _result(scheme_tokenizer)
-    png = plot_layer_heatmap(A.layer_table(result), tmp_path / "layers.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    example = A.teacher_force(model, tokenizer, _prompt(tokenizer), format_target(TRACE, scheme), keep=(0, 0))
-    png = plot_token_heatmap(A.token_table(example, layer=0, head=0, example_id="q"), tmp_path / "tokens.png")
-    assert png.stat().st_size > 5000
-    with pytest.raises(ValueError, match="no attention rows"):
-        plot_layer_heatmap([], tmp_path / "empty.png")
+def test_recorded_prompts_are_used_as_they_are_and_only_legacy_rows_are_rebuilt(tiny_tokenizer):
+    recorded = Result.from_dict({"id": "a", "question": "Q one?", "outcome": "wrong", "prompt": "EXACT PROMPT\n"})
+    # a config whose worked examples cannot be found: reading it would fail, so it is never read
+    broken = {"task": "strategyqa", "source": "bundled:strategyqa", "extra": {"shots": ["no-such-id"]}}
+    assert A.row_prompts([recorded], broken, tiny_tokenizer) == ["EXACT PROMPT\n"]
+    legacy = _legacy_row("Q two?", rid="b")
+    mixed = A.row_prompts([recorded, legacy], {"prompt_style": "plain"}, tiny_tokenizer)
+    assert mixed[0] == "EXACT PROMPT\n" and mixed[1].rstrip().endswith("Q two?")
 
 
 # ---------------------------------------------------------------- the CLI verb
@@ -295,7 +187,7 @@ def test_inspect_attention_cli_writes_tables_and_figures(tmp_path, capsys):
     for name in ("attention_by_head.csv", "attention_by_layer.csv", "attention_examples.safetensors",
                  "attention_layers.png", "attention_example_a_L1_H3.png", "attention_example_a_L1_H3.json"):
         assert (out / name).is_file(), name
-    head_rows = A.read_table(out / "attention_by_head.csv")
+    head_rows = T.read_table(out / "attention_by_head.csv")
     assert {r["head"] for r in head_rows} == {0, 1, 2, 3}
     assert "answer" in capsys.readouterr().out
     assert main(["inspect", "attention", "--results", str(results), "--run", str(tmp_path / "model"),
@@ -318,3 +210,17 @@ def test_smollm2_answer_tokens_spread_all_their_attention_over_the_spans(smollm2
     assert torch.allclose(mass[:, :, answer].sum(-1), torch.ones(30, 9, dtype=torch.float64), atol=1e-4)
     # SmolLM2 parks much of its attention on the first token (an attention sink) in later layers
     assert mass[15:, :, answer, A.KEY_KINDS.index("first")].mean() > 0.2
+
+
+def test_inspect_attention_refuses_prompt_options_for_rows_that_recorded_their_prompt(tmp_path, capsys):
+    from memreason.cli import main
+
+    row = Result.from_dict({"id": "a", "question": "Q?", "outcome": "correct", "prompt": "Question: Q?\n",
+                            "raw": "The answer is: True\n"})
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps(row.to_dict()) + "\n")
+    for option in (["--prompt-style", "chat"], ["--data", "bundled:strategyqa"]):
+        # refused before any model is loaded (there is none at --run)
+        assert main(["inspect", "attention", "--results", str(results), "--run", str(tmp_path / "none"),
+                     *option]) == 2
+        assert "recorded the exact prompt" in capsys.readouterr().err

@@ -1,6 +1,6 @@
-"""Tests of memreason.analysis.judges: fact matching, the exact judge on constructed traces with known
-faulty steps, the LLM judge against a scripted OpenAI-compatible server on 127.0.0.1 (memreason.serve),
-resumable verdict files, summaries, agreement, and the `inspect errors` / `inspect decoupling` verbs."""
+"""Tests of memreason.analysis.judges: the LLM judge against a scripted OpenAI-compatible server on
+127.0.0.1 (memreason.serve), resumable verdict files, summaries, agreement, and the `inspect errors` /
+`inspect decoupling` verbs. The exact judge has its own file (test_exact_judge.py)."""
 
 from __future__ import annotations
 
@@ -9,139 +9,13 @@ import re
 
 import pytest
 
+from judge_fixtures import FACTS, MEMORY_ERROR, REASON_ERROR, make_row, table, with_trace  # noqa: F401 - a fixture
 from memreason.analysis import judges as J
-from memreason.data.annotate import OpenAIChat, ResponseCache
-from memreason.errors import ConfigError, DataError
+from memreason.analysis.exact_judge import ExactJudge
+from memreason.errors import ConfigError
+from memreason.llm import OpenAIChat, ResponseCache
 from memreason.serve import RequestError, ScriptedBackend, Server
 from memreason.stats import wilson_ci
-
-FACTS = {"format": "memreason-facts/1",
-         "facts": [{"id": "boxer", "text": "The Boxer Rebellion took place in China between 1899 and 1901."},
-                   {"id": "raf", "text": "The Royal Air Force was founded on 1 April 1918.",
-                    "aliases": ["The RAF was formed in 1918."]},
-                   {"id": "lapaz", "text": "La Paz lies about 3,600 metres above sea level."}],
-         "questions": {"q1": ["boxer", "raf"], "q2": ["lapaz"]}}
-
-
-def _row(rid, steps, outcome="wrong", question="Did the RAF fight in the Boxer Rebellion?", gold="False",
-         predicted="True"):
-    return {"id": rid, "question": question, "gold": gold, "predicted": predicted, "outcome": outcome,
-            "steps": [{"kind": k, "text": t} for k, t in steps]}
-
-
-MEMORY_ERROR = _row("q1", [("memory", "The Boxer Rebellion took place in China between 1899 and 1901."),
-                           ("reason", "So the rebellion was over by 1902."),
-                           ("memory", "The Royal Air Force was founded in 1898."),   # false: wrong year
-                           ("reason", "So the RAF existed during the rebellion."),
-                           ("memory", "The RAF was formed in 1950.")])                # false too, but later
-REASON_ERROR = _row("q1", [("memory", "The Boxer Rebellion took place in China between 1899 and 1901."),
-                           ("memory", "The RAF was formed in 1918."),
-                           ("reason", "So the RAF fought in it.")])
-
-
-@pytest.fixture
-def table(tmp_path):
-    path = tmp_path / "facts.json"
-    path.write_text(json.dumps(FACTS))
-    return J.FactTable.load(path)
-
-
-# ---------------------------------------------------------------- matching
-
-def test_normalisation_drops_case_punctuation_and_thousands_separators():
-    assert J.normalise_text("La Paz: 3,600 m, ÁBOVE sea-level!") == "la paz 3600 m above sea level"
-    assert J.token_overlap("La Paz is about 3600 metres above sea level", FACTS["facts"][2]["text"]) == 1.0
-
-
-def test_a_wrong_number_or_a_negation_never_matches_however_many_words_agree(table):
-    facts = table.facts_for("q1")
-    raf = "The Royal Air Force was founded on 1 April 1918."
-    assert J.token_overlap("The Royal Air Force was founded in 1898.", raf) >= 0.8  # overlap alone would match
-    assert table.match("The Royal Air Force was founded in 1898.", facts, 0.8)[0] is None
-    assert table.match("The Royal Air Force wasn't founded on 1 April 1918.", facts, 0.8)[0] is None
-    assert table.match("The Royal Air Force was founded in 1918.", facts, 0.8)[0] == "raf"
-    assert table.match("The Boxer Rebellion took place in China.", facts, 0.8) == ("boxer", 1.0)
-
-
-def test_fact_table_match_uses_aliases_and_reports_the_score(table):
-    facts = table.facts_for("q1")
-    assert table.match("The RAF was formed in 1918", facts, 0.8) == ("raf", 1.0)
-    fid, score = table.match("Bananas are yellow.", facts, 0.8)
-    assert fid is None and score < 0.8
-
-
-# ---------------------------------------------------------------- fact tables
-
-def test_fact_table_without_questions_applies_to_every_question(tmp_path):
-    path = tmp_path / "world.json"
-    path.write_text(json.dumps({"facts": FACTS["facts"]}))
-    table = J.FactTable.load(path)
-    assert [f.id for f in table.facts_for("anything")] == ["boxer", "raf", "lapaz"]
-
-
-@pytest.mark.parametrize("data, field", [
-    ({"facts": [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}]}, "id"),
-    ({"facts": [{"id": "a", "text": " "}]}, "text"),
-    ({"facts": [{"id": "a", "text": "x", "aliases": "y"}]}, "aliases"),
-    ({"facts": [{"id": "a", "text": "x"}], "questions": {"q": ["b"]}}, "questions"),
-    ({"fact": []}, "facts"),
-])
-def test_bad_fact_tables_are_refused_naming_the_field(tmp_path, data, field):
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(data))
-    with pytest.raises(DataError, match=f"field '{field}'") as info:
-        J.FactTable.load(path)
-    assert str(path) in str(info.value)
-
-
-def test_fact_table_from_gold_traces_keys_each_questions_memory_steps_by_its_id():
-    from memreason.traces import Step, Trace
-
-    gold = [Trace("q?", (Step("memory", "Fact one."), Step("reason", "So."), Step("memory", "Fact two.")), "True",
-                  meta={"id": "x"})]
-    table = J.FactTable.from_traces(gold)
-    assert [f.text for f in table.facts_for("x")] == ["Fact one.", "Fact two."]
-    assert table.facts_for("y") is None
-
-
-# ---------------------------------------------------------------- the exact judge
-
-def test_exact_judge_finds_the_first_false_memory_step(table):
-    verdict = J.ExactJudge(table).attribute_error(MEMORY_ERROR)
-    assert verdict.source == "memory" and verdict.first_faulty == 2
-    assert verdict.step_correct == (True, None, False, None, False)
-    assert verdict.evidence[0] == ("boxer", 1.0)
-
-
-def test_exact_judge_blames_reasoning_when_every_memory_step_is_true(table):
-    verdict = J.ExactJudge(table).attribute_error(REASON_ERROR)
-    assert verdict.source == "reason" and verdict.first_faulty is None
-    assert verdict.step_correct == (True, True, None)
-
-
-def test_exact_judge_does_not_apply_without_labels_steps_or_facts(table):
-    judge = J.ExactJudge(table)
-    with pytest.raises(J.NotApplicable, match="unlabelled"):
-        judge.attribute_error(_row("q1", [("step", "The RAF was formed in 1918.")]))
-    with pytest.raises(J.NotApplicable, match="no steps"):
-        judge.attribute_error(_row("q1", []))
-    with pytest.raises(J.NotApplicable, match="no facts"):
-        judge.attribute_error({**REASON_ERROR, "id": "q9"})
-
-
-def test_exact_decoupling_flags_a_reason_step_that_only_restates_a_fact(table):
-    row = _row("q1", [("memory", "The RAF was formed in 1918."),
-                      ("reason", "The Boxer Rebellion took place in China between 1899 and 1901."),
-                      ("reason", "So the RAF came too late to fight in it."),
-                      ("memory", "Tea is a drink.")])
-    verdict = J.ExactJudge(table).check_decoupling(row)
-    assert verdict.decoupled == (True, False, True, False)
-    assert verdict.forms == ("fact", "fact", None, None)
-
-
-def test_exact_judge_threshold_must_be_a_share(table):
-    with pytest.raises(ConfigError):
-        J.ExactJudge(table, threshold=1.5)
 
 
 # ---------------------------------------------------------------- the LLM judge over HTTP
@@ -177,12 +51,12 @@ def test_llm_judge_attributes_the_first_incorrect_step_by_its_label(tmp_path):
 
 
 def test_llm_judge_uses_its_own_type_for_unlabelled_steps_and_the_answer_when_no_step_fails(tmp_path):
-    row = _row("u", [("step", "The RAF was formed in 1898."), ("step", "So it fought.")])
+    row = make_row("u", [("step", "The RAF was formed in 1898."), ("step", "So it fought.")])
     with Server(ScriptedBackend([_error_reply(0, ["memory", "reason"]), _error_reply(None, ["memory", "reason"])],
                                 model_id="judge-model")) as server:
         judge = _llm(server, tmp_path)
         first = judge.attribute_error(row)
-        second = judge.attribute_error({**row, "question": "another question?"})
+        second = judge.attribute_error(with_trace(row, question="another question?"))
     assert (first.source, first.first_faulty) == ("memory", 0)
     assert (second.source, second.first_faulty) == ("reason", None)
     assert second.to_dict()["at"] == "answer"
@@ -215,7 +89,7 @@ def test_llm_judge_reasks_after_an_invalid_reply_and_fails_after_its_attempts(tm
         assert "could not be used: not JSON" in retry[-1]["content"]
         assert backend.requests[2].seed == 2  # attempt k uses seed + k
     with Server(ScriptedBackend(['{"steps": [{"type": "maybe", "correct": true}]}'], model_id="judge-model")) as server:
-        record = J.verdict_row(_row("z", [("memory", "x")]), _llm(server, tmp_path / "b", attempts=2), J.ERRORS)
+        record = J.verdict_row(make_row("z", [("memory", "x")]), _llm(server, tmp_path / "b", attempts=2), J.ERRORS)
     assert record["status"] == J.FAILED and "type" in record["reason"]
 
 
@@ -230,13 +104,14 @@ def test_llm_judge_retries_transport_errors_with_backoff(tmp_path):
 
     waits = []
     with Server(ScriptedBackend(flaky, model_id="judge-model")) as server:
-        judge = J.LLMJudge(OpenAIChat(server.url, None), "judge-model", sleep=waits.append, backoff=0.5)
+        # jitter 0: the exact doubling sequence (memreason.llm.RetryPolicy shortens waits at random otherwise)
+        judge = J.LLMJudge(OpenAIChat(server.url, None), "judge-model", sleep=waits.append, backoff=0.5, jitter=0.0)
         assert judge.attribute_error(REASON_ERROR).source == "reason"
     assert waits == [0.5, 1.0] and judge.requests == 3
 
 
 def test_llm_decoupling_checks_form_against_the_label(tmp_path):
-    row = _row("d", [("memory", "The RAF was formed in 1918."), ("memory", "So it was too late."),
+    row = make_row("d", [("memory", "The RAF was formed in 1918."), ("memory", "So it was too late."),
                      ("reason", "So the answer is no."), ("step", "Anyway.")])
     reply = json.dumps({"steps": [{"step": 1, "form": "fact"}, {"step": 2, "form": "inference"},
                                   {"step": 3, "form": "inference"}, {"step": 4, "form": "other"}]})
@@ -250,14 +125,14 @@ def test_llm_decoupling_checks_form_against_the_label(tmp_path):
 # ---------------------------------------------------------------- running, summaries, agreement
 
 def test_judge_rows_resumes_and_refuses_to_mix_configurations(table, tmp_path):
-    rows = [MEMORY_ERROR | {"id": "q1"}, _row("q2", [("memory", "La Paz is 3,600 metres above sea level.")],
-                                              question="pasta?"), _row("q3", [("reason", "x")])]
+    rows = [MEMORY_ERROR, make_row("q2", [("memory", "La Paz is 3,600 metres above sea level.")], question="pasta?"),
+            make_row("q3", [("reason", "x")])]
     out = tmp_path / "errors_exact.jsonl"
-    first = J.judge_rows(rows, J.ExactJudge(table), J.ERRORS, out)
+    first = J.judge_rows(rows, ExactJudge(table), J.ERRORS, out)
     assert [r["status"] for r in first] == ["ok", "ok", "not_applicable"]
     assert [r.get("source") for r in first] == ["memory", "reason", None]
 
-    class Counting(J.ExactJudge):
+    class Counting(ExactJudge):
         calls = 0
 
         def attribute_error(self, row):
@@ -267,14 +142,15 @@ def test_judge_rows_resumes_and_refuses_to_mix_configurations(table, tmp_path):
     again = J.judge_rows(rows, Counting(table), J.ERRORS, out)
     assert Counting.calls == 0 and again == first
     with pytest.raises(ConfigError, match="another exact judge configuration"):
-        J.judge_rows(rows, J.ExactJudge(table, threshold=0.5), J.ERRORS, out)
-    assert len(J.judge_rows(rows, J.ExactJudge(table, threshold=0.5), J.ERRORS, out, overwrite=True)) == 3
+        J.judge_rows(rows, ExactJudge(table, threshold=0.5), J.ERRORS, out)
+    assert len(J.judge_rows(rows, ExactJudge(table, threshold=0.5), J.ERRORS, out, overwrite=True)) == 3
 
 
 def test_select_rows_takes_wrong_answers_for_errors_and_everything_for_decoupling():
-    rows = [{"id": 1, "outcome": "correct"}, {"id": 2, "outcome": "wrong"}, {"id": 3, "outcome": "unparseable"}]
-    assert [r["id"] for r in J.select_rows(rows, J.ERRORS)] == [2]
-    assert [r["id"] for r in J.select_rows(rows, J.ERRORS, include_unparseable=True)] == [2, 3]
+    rows = [make_row("1", [], outcome="correct"), make_row("2", [], outcome="wrong"),
+            make_row("3", [], outcome="unparseable")]
+    assert [r.id for r in J.select_rows(rows, J.ERRORS)] == ["2"]
+    assert [r.id for r in J.select_rows(rows, J.ERRORS, include_unparseable=True)] == ["2", "3"]
     assert len(J.select_rows(rows, J.DECOUPLING)) == 3
 
 
@@ -325,13 +201,12 @@ def test_inspect_errors_cli_runs_both_judges_and_reports_their_agreement(tmp_pat
 
     facts = tmp_path / "facts.json"
     facts.write_text(json.dumps(FACTS))
-    rows = [MEMORY_ERROR, {**REASON_ERROR, "id": "q2", "steps": [
-        {"kind": "memory", "text": "La Paz lies about 3,600 metres above sea level."},
-        {"kind": "reason", "text": "So water boils hotter there."}]},
-        _row("q3", [("memory", "x")], outcome="correct")]
+    rows = [MEMORY_ERROR, make_row("q2", [("memory", "La Paz lies about 3,600 metres above sea level."),
+                                          ("reason", "So water boils hotter there.")]),
+            make_row("q3", [("memory", "x")], outcome="correct")]
     results = tmp_path / "eval" / "results.jsonl"
     results.parent.mkdir()
-    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in rows))
 
     def reply(request):  # memory error for q1 (step 3), reasoning error for q2 (step 2)
         n = _steps_in(request)
@@ -361,7 +236,7 @@ def test_inspect_decoupling_cli_needs_facts_for_the_exact_judge(tmp_path, capsys
     from memreason.cli import main
 
     results = tmp_path / "results.jsonl"
-    results.write_text(json.dumps(MEMORY_ERROR) + "\n")
+    results.write_text(json.dumps(MEMORY_ERROR.to_dict()) + "\n")
     assert main(["inspect", "decoupling", "--results", str(results), "--judge", "exact"]) == 2
     assert "--facts" in capsys.readouterr().err
     assert main(["inspect", "decoupling", "--results", str(results), "--judge", "exact", "--gold-data",

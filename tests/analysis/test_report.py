@@ -13,11 +13,13 @@ import subprocess
 import pytest
 
 from memreason.analysis.report import STEP_COLOURS, build_report, collect_inspect, write_report
+from memreason.traces import Result
 
 EVIL = "</script><script>document.title='PWNED'</script><!--"
 
 
-def _rows():
+def _row_dicts():
+    """Result rows as ``results.jsonl`` holds them (schema 1: no prompt kept)."""
     rows = []
     for i in range(6):
         outcome = ["correct", "wrong", "unparseable"][i % 3]
@@ -32,6 +34,10 @@ def _rows():
     rows[1]["question"] = "Does this question mention pasta " + EVIL
     rows[1]["steps"][0]["text"] = EVIL
     return rows
+
+
+def _rows():
+    return [Result.from_dict(row) for row in _row_dicts()]
 
 
 def _inspect():
@@ -87,7 +93,7 @@ def test_report_cli_writes_a_page_beside_the_results(tmp_path, capsys):
     from memreason.cli import main
 
     results = tmp_path / "results.jsonl"
-    results.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    results.write_text("".join(json.dumps(r) + "\n" for r in _row_dicts()))
     (tmp_path / "summary.json").write_text(json.dumps({"config": {"model": "tiny-model", "task": "strategyqa"},
                                                        "config_hash": "abc123"}))
     assert main(["report", "--results", str(results), "--title", "My <report>"]) == 0
@@ -96,6 +102,28 @@ def test_report_cli_writes_a_page_beside_the_results(tmp_path, capsys):
     assert "33.3%" in page  # 2 of 6 correct
     assert main(["report", "--results", str(tmp_path / "nope.jsonl")]) == 2
     assert "results file not found" in capsys.readouterr().err
+
+
+def test_write_report_is_atomic_and_leaves_no_temporary_file_when_it_fails(tmp_path, monkeypatch):
+    import memreason.io
+    from memreason.errors import ConfigError
+
+    page = tmp_path / "report.html"
+    write_report("old page", page)
+    monkeypatch.setattr(memreason.io.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_report("new page", page)
+    assert page.read_text() == "old page" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="directory"):
+        write_report("page", tmp_path)
+
+
+def test_report_from_legacy_and_current_rows_renders_the_same_page():
+    legacy = _rows()
+    current = [Result.from_dict(row.to_dict()) for row in legacy]  # schema 2 as written now
+    assert all(row.to_dict()["schema"] == "memreason-result/2" for row in current)
+    assert build_report(legacy, inspect=_inspect()) == build_report(current, inspect=_inspect())
 
 
 # ---------------------------------------------------------------- in the browser

@@ -4,12 +4,14 @@ plugs into judge_rows / summarise_errors like the other judges."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from memreason.analysis import judges as J
-from memreason.analysis.world_judge import FALSE, INVALID, TRUE, UNKNOWN_ENTITY, VALID, WorldJudge, gold_row
+from memreason.analysis.world_judge import FALSE, INVALID, TRUE, UNKNOWN_ENTITY, VALID, WorldJudge
 from memreason.data.world import RELATIONS, SPLITS, WorldConfig, generate_world, write_world
-from memreason.traces import MEMORY, REASON
+from memreason.traces import MEMORY, REASON, Result, Step
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +30,25 @@ def _first(world, form, hops=2):
     return next(t for t in world.questions["train"] if t.meta["form"] == form and len(t.meta["path"]) == hops)
 
 
-def _wrong(trace, replace: dict[int, str], predicted=None):
+def _gold(trace) -> Result:
+    """A gold Trace as a result row (its own answer as the prediction), for checking gold traces."""
+    return Result(trace=trace, gold=trace.answer, outcome="correct")
+
+
+def _with_steps(row: Result, steps) -> Result:
+    return row.replace(trace=dataclasses.replace(row.trace, steps=tuple(steps)))
+
+
+def _relabel(row: Result, kinds) -> Result:
+    return _with_steps(row, (Step(kind, step.text) for kind, step in zip(kinds, row.steps)))
+
+
+def _wrong(trace, replace: dict[int, str], predicted=None) -> Result:
     """A wrong-answer row built from a gold trace with some step texts replaced."""
-    row = gold_row(trace)
-    for index, text in replace.items():
-        row["steps"][index]["text"] = text
-    row["predicted"] = predicted or ("No" if trace.answer == "Yes" else "Yes" if trace.answer == "No" else "A")
-    row["outcome"] = "wrong"
-    return row
+    steps = [Step(step.kind, replace.get(index, step.text)) for index, step in enumerate(trace.steps)]
+    predicted = predicted or ("No" if trace.answer == "Yes" else "Yes" if trace.answer == "No" else "A")
+    return Result(trace=dataclasses.replace(trace, steps=tuple(steps), answer=predicted), gold=trace.answer,
+                  outcome="wrong")
 
 
 def _other(world, name):
@@ -45,7 +58,7 @@ def _other(world, name):
 def test_every_gold_trace_in_every_split_checks_out_step_by_step(world, judge):
     for split in SPLITS:
         for trace in world.questions[split]:
-            row = gold_row(trace)
+            row = _gold(trace)
             checks = judge.check_steps(row)
             assert [c.type for c in checks] == [s.kind for s in trace.steps], trace.question
             assert all(c.ok for c in checks) and judge.answer_follows(row), trace.question
@@ -117,7 +130,7 @@ def test_a_planted_invalid_decision_is_a_reasoning_error(world, judge, form):
 def test_a_missing_recall_makes_the_chain_unsupported(world, judge):
     trace = _first(world, "yes_no")
     row = _wrong(trace, {})
-    del row["steps"][1]  # the second hop is never stated
+    row = _with_steps(row, row.steps[:1] + row.steps[2:])  # the second hop is never stated
     verdict = judge.attribute_error(row)
     assert (verdict.source, verdict.first_faulty) == (REASON, 1) and "no earlier step states" in verdict.explanation
 
@@ -132,10 +145,10 @@ def test_step_type_comes_from_content_so_unlabelled_and_mislabelled_steps_are_ju
     trace = _first(world, "choice")
     fact = world.facts[trace.meta["step_facts"][0][0]]
     row = _wrong(trace, {0: fact.text(0).replace(fact.object, _other(world, fact.object))})
-    for step in row["steps"]:
-        step["kind"] = "step"
+    n = len(row.steps)
+    row = _relabel(row, ["step"] * n)
     assert judge.attribute_error(row).source == MEMORY
-    row["steps"][0]["kind"] = REASON  # a recall labelled as reasoning
+    row = _relabel(row, [REASON] + ["step"] * (n - 1))  # a recall labelled as reasoning
     assert judge.attribute_error(row).source == MEMORY
     decoupling = judge.check_decoupling(row)
     assert decoupling.forms[0] == "fact" and decoupling.decoupled[0] is False and decoupling.decoupled[1] is None
@@ -144,20 +157,21 @@ def test_step_type_comes_from_content_so_unlabelled_and_mislabelled_steps_are_ju
 def test_unreadable_unlabelled_steps_and_foreign_questions_are_not_applicable(world, judge):
     trace = _first(world, "choice")
     row = _wrong(trace, {0: "I think about it."})
-    row["steps"][0]["kind"] = "step"
+    kinds = [step.kind for step in row.steps]
+    row = _relabel(row, ["step"] + kinds[1:])
     with pytest.raises(J.NotApplicable):
         judge.attribute_error(row)
-    row["steps"][0]["kind"] = MEMORY  # labelled: the unreadable memory step is the memory error
+    row = _relabel(row, [MEMORY] + kinds[1:])  # labelled: the unreadable memory step is the memory error
     assert judge.attribute_error(row).source == MEMORY
     with pytest.raises(J.NotApplicable):
-        judge.attribute_error({**row, "id": "not-in-this-world"})
+        judge.attribute_error(row.replace(trace=dataclasses.replace(row.trace, meta={"id": "not-in-this-world"})))
 
 
 def test_the_world_judge_runs_through_judge_rows_and_summaries(world, judge, tmp_path):
     trace = _first(world, "choice")
     fact = world.facts[trace.meta["step_facts"][0][0]]
     rows = [_wrong(trace, {0: fact.text(0).replace(fact.object, _other(world, fact.object))}),
-            {**_wrong(_first(world, "yes_no"), {}), "steps": []}]
+            _with_steps(_wrong(_first(world, "yes_no"), {}), ())]
     verdicts = J.judge_rows(rows, judge, J.ERRORS, tmp_path / "errors_world.jsonl")
     summary = J.summarise_errors(verdicts)
     assert summary["n"] == 1 and summary["memory"]["count"] == 1
@@ -176,7 +190,7 @@ def test_inspect_errors_cli_runs_the_world_judge_beside_the_generic_exact_judge(
     reason_error = _wrong(_first(world, "yes_no"), {})
     results = tmp_path / "eval" / "results.jsonl"
     results.parent.mkdir()
-    results.write_text("".join(json.dumps(r) + "\n" for r in (memory_error, reason_error)))
+    results.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in (memory_error, reason_error)))
     assert main(["inspect", "errors", "--results", str(results), "--judge", "world"]) == 2
     assert "--world" in capsys.readouterr().err
     assert main(["inspect", "errors", "--results", str(results), "--judge", "world", "--world",
@@ -199,11 +213,9 @@ def test_a_chain_stated_as_one_recall_is_a_composite_memory_step_judged_against_
     assert judge.check_composite(false).status == FALSE
     # unlabelled, it is still judged: a memory error, where it used to be unreadable
     row = _wrong(trace, {0: false})
-    for step in row["steps"]:
-        step["kind"] = "step"
+    row = _relabel(row, ["step"] * len(row.steps))
     assert (judge.attribute_error(row).source, judge.attribute_error(row).first_faulty) == (MEMORY, 0)
     # a chain step may build on a stated composite recall instead of the single hops
-    row = gold_row(trace)
-    row["steps"] = [{"kind": "memory", "text": composite}] + row["steps"][len(path):]
+    row = _with_steps(_gold(trace), (Step(MEMORY, composite),) + trace.steps[len(path):])
     assert judge.answer_follows(row)
     assert subject in composite

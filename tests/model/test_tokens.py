@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memreason.errors import ConfigError
-from memreason.model.tokens import TokenScheme, add_scheme_tokens, format_target, init_word, parse
+from memreason.model.tokens import (TokenScheme, add_scheme_tokens, count_markers, format_step, format_target,
+                                    has_marker, init_word, parse, spans, step_spans)
 from memreason.traces import MEMORY, REASON, UNLABELLED, Step, Trace
 
 # Step texts as a formatted target can carry them: one line, no surrounding whitespace, no marker.
@@ -38,6 +39,15 @@ def test_zero_special_tokens_keeps_the_steps_but_not_their_kinds(steps):
     # S=0 (the paper's "0 tokens" ablation): the prefix still delimits steps, but no marker names the kind
     assert [s.text for s in parsed.steps] == [s.text for s in steps]
     assert all(s.kind == UNLABELLED for s in parsed.steps)
+
+
+@pytest.mark.parametrize("scheme", [TokenScheme("plain"), TokenScheme("paper", 3, 0)], ids=["plain", "paper-3-0"])
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.builds(Step, st.just(UNLABELLED), _text.filter(lambda t: t and "The answer is:" not in t)),
+                      max_size=6), answer=_answers)
+def test_unlabelled_steps_round_trip_exactly_through_schemes_without_kinds(scheme, steps, answer):
+    trace = _trace(steps, answer)
+    assert parse(format_target(trace, scheme), question=trace.question, answer=answer) == trace
 
 
 def test_paper_target_has_prefix_and_kind_markers_before_every_line():
@@ -96,6 +106,93 @@ def test_generated_text_without_markers_before_the_first_run_becomes_an_unlabell
            "<prefix_0><prefix_1><prefix_2><answer_0><answer_1><answer_2><answer_3> The answer is: True"
     parsed = parse(text, answer="True")
     assert parsed.steps == (Step(UNLABELLED, "Let me think."), Step(MEMORY, "Fact."))
+
+
+# --- spans: the grammar parse is built from ----------------------------------------------------------
+
+# Generated text as a model may write it: markers of every scheme, broken markers, answer lines, blank lines.
+_pieces = st.sampled_from(["<memory>", "<reason>", "<answer>", "<prefix_0>", "<memory_1>", "<reason_0>", "<answer_2>",
+                           " ", "\t", "\n", "\n\n", "The answer is: True", "a fact", "x y", "<memo", ">", "  \n",
+                           "\r\n", "é"])
+_generated = st.lists(_pieces, max_size=20).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=_generated)
+def test_spans_are_contiguous_and_cover_the_text_exactly(text):
+    cut = spans(text)
+    assert (cut[0].start if cut else 0) == 0
+    assert all(a.end == b.start for a, b in zip(cut, cut[1:]))
+    assert (cut[-1].end if cut else 0) == len(text)
+    assert all(s.start <= s.marker_end <= s.end for s in cut)
+    assert "".join(text[s.start:s.end] for s in cut) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=_generated)
+def test_parse_is_one_step_per_span_that_is_not_the_answer(text):
+    cut = [s for s in spans(text) if s.kind != "answer" and (s.kind in (MEMORY, REASON) or s.body(text))]
+    assert parse(text).steps == tuple(Step(s.kind, s.body(text)) for s in cut)
+    assert step_spans(text) == cut  # where each parsed step lies in the text
+
+
+def test_format_target_is_its_steps_formatted_one_per_line_then_the_answer():
+    trace = _trace([Step(MEMORY, "Paris is in France."), Step(REASON, "So\nit is true.")])
+    scheme = TokenScheme("compact")
+    lines = format_target(trace, scheme).split("\n")
+    assert lines[:2] == [format_step(step, scheme) for step in trace.steps]
+    assert lines[1] == "<reason> So it is true." and lines[2] == "<answer> The answer is: True"
+
+
+@settings(max_examples=40, deadline=None)
+@given(kinds=st.lists(st.sampled_from([MEMORY, REASON]), min_size=0, max_size=5),
+       style=st.sampled_from([("paper", 3, 4), ("paper", 1, 1), ("compact", 3, 4)]))
+def test_span_kinds_of_a_formatted_trace_are_its_step_kinds_then_the_answer(kinds, style):
+    trace = Trace("q?", tuple(Step(k, f"step number {i} text.") for i, k in enumerate(kinds)), "True")
+    raw = format_target(trace, TokenScheme(*style))
+    cut = spans(raw)
+    assert sum(s.end - s.start for s in cut) == len(raw)
+    assert [s.kind for s in cut if s.kind != "answer"] == [s.kind for s in parse(raw).steps] == kinds
+    assert cut[-1].kind == "answer"
+
+
+def test_spans_of_a_paper_trace_follow_its_markers():
+    trace = Trace("q?", (Step(MEMORY, "A fact."), Step(MEMORY, "Another."), Step(REASON, "So.")), "True")
+    raw = format_target(trace, TokenScheme("paper", 2, 2))
+    cut = spans(raw)
+    assert [s.kind for s in cut] == ["memory", "memory", "reason", "answer"]
+    assert cut[0].start == 0 and cut[-1].end == len(raw)
+    assert all(a.end == b.start for a, b in zip(cut, cut[1:]))
+    assert raw[cut[0].start:cut[0].marker_end] == "<prefix_0><prefix_1><memory_0><memory_1>"
+    assert cut[0].body(raw) == "A fact."
+
+
+def test_plain_text_spans_are_lines_and_blank_lines_join_the_line_before():
+    raw = "False.\n\nThe answer is: True.\n"
+    assert [(s.kind, raw[s.start:s.end]) for s in spans(raw)] == [("step", "False.\n\n"),
+                                                                  ("answer", "The answer is: True.\n")]
+    assert spans("") == []
+
+
+def test_prefix_only_last_run_with_the_answer_phrase_is_the_answer():
+    raw = "<prefix_0> a fact\n<prefix_0> The answer is: True"
+    assert [s.kind for s in spans(raw)] == ["step", "answer"]
+    assert parse(raw).steps == (Step(UNLABELLED, "a fact"),)
+
+
+def test_a_run_that_mixes_kinds_is_an_unlabelled_step():
+    raw = "<memory_0><reason_0> odd\n<answer_0> The answer is: True"
+    assert [s.kind for s in spans(raw)] == ["step", "answer"]
+
+
+def test_an_announced_empty_memory_step_is_kept_but_an_empty_unlabelled_one_is_not():
+    assert parse("<memory> \n<prefix_0>\n<answer> The answer is: A").steps == (Step(MEMORY, ""),)
+
+
+def test_has_marker_and_count_markers_see_every_scheme_s_markers():
+    text = "<prefix_0><prefix_1><memory_0> x <reason> y <answer_3>"
+    assert has_marker(text) and count_markers(text) == 5
+    assert not has_marker("a <memo> b <memory_x>") and count_markers("plain text") == 0
 
 
 def test_init_word_is_the_group_name():

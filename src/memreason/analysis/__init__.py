@@ -1,4 +1,12 @@
-"""Seeing inside evaluated traces: attention per step kind (``attention``), memory-vs-reasoning error
-attribution and decoupling checks (``judges``), figures (``plots``) and a self-contained HTML page
-(``report``). Every analysis is a function from saved outputs (``results.jsonl`` rows) to tables; figures
-and HTML take those tables and never load a model."""
+"""Seeing inside evaluated traces. Every analysis is a function from saved outputs (``Result`` rows of
+``results.jsonl``) to tables; figures and HTML take those tables and never load a model.
+
+* ``attention``: span kinds of tokens (from ``memreason.model.tokens.spans``), attention mass per span kind
+  of one teacher-forced sequence, the prompts rows were given; ``attention_tables``: many examples'
+  masses as tables with bootstrap CIs, and their files.
+* ``judges``: the judge interface, verdicts, the LLM judge, the resumable runner and the summaries;
+  ``exact_judge``: memory steps against a table of true facts; ``world_judge``: every step against a
+  synthetic world.
+* ``cloze``: does a model know a world's facts (ranking continuations).
+* ``plots``: every figure memreason draws; ``report``: one self-contained HTML page.
+"""

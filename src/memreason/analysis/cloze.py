@@ -2,10 +2,10 @@
 
 For every fact, the model reads a sentence prefix (``"Kode Fa was born in"``) and the true object and
 ``distractors`` other entities of its type (seeded) are scored as its continuation by the summed
-log-probability of ``" <name>."``. Recall@1 is the share of facts whose true object scores highest; chance
-is ``1 / number of candidates``. A few distractors instead of every entity keep the probe cheap on a CPU. Ranking
-instead of free generation means a model that has not learnt the sentence format is not scored as
-ignorant, and nothing is parsed.
+log-probability of ``" <name>."`` (``memreason.generate.continuation_logprobs``). Recall@1 is the share of
+facts whose true object scores highest; chance is ``1 / number of candidates``. A few distractors instead
+of every entity keep the probe cheap on a CPU. Ranking instead of free generation means a model that has
+not learnt the sentence format is not scored as ignorant, and nothing is parsed.
 
 Prefixes come from one paraphrase per call: a corpus paraphrase (the wording the model was trained on)
 or the held-out one (``PROBE_TEMPLATE``, never in the corpus), so the two numbers separate remembering a
@@ -15,38 +15,10 @@ sentence from knowing a fact.
 from __future__ import annotations
 
 import random
-from typing import Sequence
 
 from memreason.data.world import RELATIONS, World
+from memreason.generate import continuation_logprobs, encode_prompts, pad_id
 from memreason.stats import wilson_ci
-
-
-def _continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int) -> list[float]:
-    """Summed log-probability of each continuation given its prefix (tokenised separately, ids joined,
-    as training does)."""
-    import torch
-
-    encoded = [(tokenizer(p, add_special_tokens=False)["input_ids"], tokenizer(c, add_special_tokens=False)["input_ids"])
-               for p, c in pairs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            width = max(len(p) + len(c) for p, c in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)       # [batch, seq]
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)          # [batch, seq]
-            for row, (p, c) in enumerate(chunk):
-                ids[row, :len(p) + len(c)] = torch.tensor(p + c)
-                mask[row, :len(p) + len(c)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [batch, seq, vocab]
-            for row, (p, c) in enumerate(chunk):
-                # position t predicts token t + 1; normalise only the positions that score the continuation
-                logprobs = torch.log_softmax(logits[row, len(p) - 1:len(p) + len(c) - 1].float(), dim=-1)
-                targets = torch.tensor(c, device=logprobs.device)
-                scores.append(float(logprobs[torch.arange(len(c), device=logprobs.device), targets].sum()))
-    return scores
 
 
 def cloze_recall(model, tokenizer, world: World, template: int, *, distractors: int = 3, seed: int = 0,
@@ -74,7 +46,10 @@ def cloze_recall(model, tokenizer, world: World, template: int, *, distractors: 
         pairs += [(fact.prefix(template), f" {name}.") for name in candidates]
         spans.append((start, candidates))
         facts.append(fact)
-    scores = _continuation_logprobs(model, tokenizer, pairs, batch_size)
+    # prefix and continuation tokenised separately and their ids joined, as training does
+    encoded = list(zip(encode_prompts(tokenizer, [p for p, _ in pairs]),
+                       encode_prompts(tokenizer, [c for _, c in pairs])))
+    scores = continuation_logprobs(model, encoded, pad_id(tokenizer), batch_size)
     by_relation: dict[str, dict] = {}
     correct, chance = 0, 0.0
     for fact, (start, candidates) in zip(facts, spans):

@@ -1,65 +1,48 @@
 """Judging generated traces: where a wrong answer first goes wrong (a memory step or a reasoning step),
 and whether steps labelled memory state facts and steps labelled reason derive something.
 
-Two judges behind one interface (``Judge``: ``attribute_error(row)`` and ``check_decoupling(row)`` take a
-``results.jsonl`` row and return a verdict, or raise ``NotApplicable``):
+Every judge offers one interface (``Judge``: ``attribute_error(row)`` and ``check_decoupling(row)`` take a
+``memreason.traces.Result`` and return a verdict, or raise ``NotApplicable``). This module holds that
+interface, the verdicts, the LLM judge, the runner and the summaries; the exact judge (a table of true
+facts) is ``memreason.analysis.exact_judge`` and the synthetic world's judge ``memreason.analysis.world_judge``.
 
-* ``ExactJudge`` checks memory steps against a ``FactTable`` of true facts (a JSON file, or the gold
-  memory steps of an annotated dataset). A memory step is **true** when its normalised text equals a
-  fact's text or alias, or when at least ``threshold`` (default 0.8) of its content tokens occur in one
-  fact or alias (``overlap = |step ∩ fact| / |step|`` over sets of lower-cased word tokens, digits kept,
-  thousands separators dropped, a short list of function words removed), provided every number in the
-  step occurs in that wording and both carry the same negation words ("not", "no", "never"...); a wrong
-  year or a dropped "not" never matches. No stemming, no entailment: "lies" and "lie" differ. The table
-  is a *closed world*: a memory step matching none of the question's facts counts as false. Error
-  attribution: the first false memory step makes a **memory** error; if every memory step is true the
-  error is a **reasoning** error (by elimination: this judge cannot check inferences, so it reports
-  ``first_faulty`` only for memory errors, and a memory error even when an earlier reason step was
-  already faulty).
-  Decoupling: a memory step is decoupled when it matches a fact; a reason step when it matches none (a
-  reason step that restates a table fact only recalls). It applies only to rows whose steps are all
-  labelled memory/reason and whose question has facts in the table.
-* ``LLMJudge`` asks any OpenAI-compatible chat model (prompts below, in our own words). It is shown the
-  question, the gold and the predicted answer and the numbered steps **without their labels**, and says for
-  every step whether it recalls knowledge or draws an inference and whether it is correct (an inference
-  built on an earlier false fact is still correct if it follows). The first incorrect step is the first
-  faulty step; its source is the step's label (memory/reason) when the trace has labels, else the judge's
-  own type; with no incorrect step the final answer line is at fault (a **reasoning** error,
-  ``first_faulty = None``, ``at = "answer"``). Decoupling: the judge says whether each step is a ``fact``
-  (states knowledge, true or false), an ``inference`` or ``other``; memory→fact and reason→inference are
-  decoupled. Requests carry a seed (attempt k uses seed + k), are cached on disk keyed by
-  sha256(messages + model + seed + parameters) (``memreason.data.annotate.ResponseCache``), retried with
-  backoff on transport errors and re-asked (with the reason) when a reply fails validation.
+``LLMJudge`` asks any OpenAI-compatible chat model (prompts below, in our own words). It is shown the
+question, the gold and the predicted answer and the numbered steps **without their labels**, and says for
+every step whether it recalls knowledge or draws an inference and whether it is correct (an inference
+built on an earlier false fact is still correct if it follows). The first incorrect step is the first
+faulty step; its source is the step's label (memory/reason) when the trace has labels, else the judge's
+own type; with no incorrect step the final answer line is at fault (a **reasoning** error,
+``first_faulty = None``, ``at = "answer"``). Decoupling: the judge says whether each step is a ``fact``
+(states knowledge, true or false), an ``inference`` or ``other``; memory→fact and reason→inference are
+decoupled. Requests carry a seed (attempt k uses seed + k), are cached on disk keyed by
+sha256(messages + model + seed + parameters) (``memreason.llm``), retried with backoff on transport errors
+and re-asked (with the reason) when a reply fails validation.
 
 Rows with no steps are not judged (nothing to attribute). ``judge_rows`` writes one verdict per row to a
-JSONL file as it goes and skips rows already there (resumable); ``summarise_errors``,
+JSONL file as it goes and skips rows already there (resumable; ``memreason.io``); ``summarise_errors``,
 ``summarise_decoupling`` and ``agreement`` turn verdict rows into tables with Wilson CIs, percent
 agreement and Cohen's kappa. API keys go to the client only, never into a file or a log line.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
-import threading
 import time
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from memreason.errors import ConfigError, DataError
+from memreason.io import (append_jsonl, atomic_write, drop_torn_tail, read_json, read_jsonl, settings_digest, to_json,
+                          write_json)
 from memreason.stats import wilson_ci
-from memreason.traces import KINDS, MEMORY, REASON, UNLABELLED
+from memreason.traces import KINDS, MEMORY, REASON, UNLABELLED, Result, Step
 
 logger = logging.getLogger(__name__)
 
 # Bump when a prompt or a reply schema changes: it is part of every verdict's judge_config digest.
 PROMPT_VERSION = 1
-FACTS_FORMAT = "memreason-facts/1"
 
 OK, NOT_APPLICABLE, FAILED = "ok", "not_applicable", "failed"
 ERRORS, DECOUPLING = "errors", "decoupling"
@@ -82,7 +65,7 @@ class ErrorVerdict:
 
     Args:
         source (str): ``memory`` or ``reason``.
-        first_faulty (int | None): 0-based index of the first faulty step in ``row["steps"]``; None when no
+        first_faulty (int | None): 0-based index of the first faulty step in ``row.steps``; None when no
             step was found faulty (LLM judge: the conclusion is at fault; exact judge: a reasoning error
             it cannot locate).
         step_correct (tuple[bool | None, ...]): per step; None where the judge did not check the step.
@@ -133,238 +116,20 @@ class Judge(Protocol):
 
     def describe(self) -> dict: ...
 
-    def attribute_error(self, row: dict) -> ErrorVerdict: ...
+    def attribute_error(self, row: Result) -> ErrorVerdict: ...
 
-    def check_decoupling(self, row: dict) -> DecouplingVerdict: ...
-
-
-def _steps(row: dict) -> list[dict]:
-    steps = row.get("steps") or []
-    if not steps:
-        raise NotApplicable("no steps")
-    return steps
+    def check_decoupling(self, row: Result) -> DecouplingVerdict: ...
 
 
-# ---------------------------------------------------------------- fact tables and the exact judge
-
-_STOPWORDS = frozenset(
-    "a an the is are was were be been being am of in on at to for by with and or as that this these those it "
-    "its from has have had do does did which who whom whose".split())
-
-
-_NEGATIONS = frozenset("not no never nor neither none nothing".split())
-
-
-def normalise_text(text: str) -> str:
-    """Lower case, accents and punctuation removed, thousands separators dropped, "n't" and "cannot"
-    spelt out as "not", whitespace collapsed."""
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if not unicodedata.combining(c)).lower().replace("\u2019", "'")
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)
-    text = re.sub(r"n't\b", " not", text).replace("cannot", "can not")
-    return " ".join(re.sub(r"[^\w\s]|_", " ", text).split())
-
-
-def content_tokens(text: str) -> frozenset[str]:
-    """The set of normalised word tokens of ``text`` minus function words (negations are kept)."""
-    return frozenset(t for t in normalise_text(text).split() if t not in _STOPWORDS)
-
-
-def token_overlap(step: str, fact: str) -> float:
-    """Share of the step's content tokens found in the fact (0 when the step has none)."""
-    s = content_tokens(step)
-    return len(s & content_tokens(fact)) / len(s) if s else 0.0
-
-
-def compatible(step: str, fact: str) -> bool:
-    """Whether a step can restate a fact at all: every number in the step occurs in the fact, and both
-    are negated by the same words (so "founded in 1898" never matches "founded in 1918", nor "was not
-    founded" "was founded", however many other words they share)."""
-    s, f = content_tokens(step), content_tokens(fact)
-    numbers = {t for t in s if any(c.isdigit() for c in t)}
-    return numbers <= f and (s & _NEGATIONS) == (f & _NEGATIONS)
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One true statement. ``aliases`` are other wordings of it."""
-
-    id: str
-    text: str
-    aliases: tuple[str, ...] = ()
-
-
-@dataclass
-class FactTable:
-    """True facts, globally or per question.
-
-    File format (JSON)::
-
-        {"format": "memreason-facts/1",
-         "facts": [{"id": "lapaz-altitude", "text": "La Paz lies about 3,600 m above sea level.",
-                    "aliases": ["La Paz is at an altitude of about 3,600 metres."]}],
-         "questions": {"4045bcd38bc0": ["lapaz-altitude"]}}
-
-    ``aliases`` is optional. ``questions`` is optional: without it every fact applies to every question;
-    with it, a question's facts are the listed ones and a question not listed is not judged.
-
-    Args:
-        facts (dict[str, Fact]): by id.
-        questions (dict[str, tuple[str, ...]] | None): fact ids per question id.
-    """
-
-    facts: dict[str, Fact]
-    questions: dict[str, tuple[str, ...]] | None = None
-
-    def facts_for(self, question_id: str | None) -> list[Fact] | None:
-        """The facts that apply to a question, or None when the table says nothing about it."""
-        if self.questions is None:
-            return list(self.facts.values()) or None
-        ids = self.questions.get(question_id) if question_id is not None else None
-        return [self.facts[i] for i in ids] if ids else None
-
-    def match(self, text: str, facts: Sequence[Fact], threshold: float) -> tuple[str | None, float]:
-        """The best-matching fact's id (None below ``threshold``) and its score (1.0 for an exact match)."""
-        norm = normalise_text(text)
-        best_id, best = None, 0.0
-        for fact in facts:
-            for wording in (fact.text, *fact.aliases):
-                if norm and norm == normalise_text(wording):
-                    score = 1.0
-                else:
-                    score = token_overlap(text, wording) if compatible(text, wording) else 0.0
-                if score > best:
-                    best_id, best = fact.id, score
-        return (best_id if best >= threshold else None), best
-
-    @classmethod
-    def load(cls, path: str | Path) -> "FactTable":
-        """Read a fact table file (format above).
-
-        Raises:
-            DataError: unreadable file, wrong format, a fact without id or text, a duplicate id, or a
-                question listing an unknown fact.
-        """
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError("fact table not found", file=str(path)) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"not a JSON fact table: {exc}", file=str(path)) from None
-        if not isinstance(data, dict) or not isinstance(data.get("facts"), list):
-            raise DataError('expected an object with a "facts" list', file=str(path), field="facts")
-        if data.get("format", FACTS_FORMAT) != FACTS_FORMAT:
-            raise DataError(f"unknown format {data.get('format')!r} (expected {FACTS_FORMAT!r})", file=str(path),
-                            field="format")
-        facts: dict[str, Fact] = {}
-        for index, item in enumerate(data["facts"]):
-            where = dict(file=str(path), record=index)
-            if not isinstance(item, dict):
-                raise DataError("a fact must be an object with id and text", **where)
-            fid, text, aliases = item.get("id"), item.get("text"), item.get("aliases", [])
-            if not isinstance(fid, str) or not fid:
-                raise DataError("missing or non-string id", field="id", **where)
-            if not isinstance(text, str) or not text.strip():
-                raise DataError("missing or empty text", field="text", **where)
-            if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-                raise DataError("aliases must be a list of strings", field="aliases", **where)
-            if fid in facts:
-                raise DataError(f"duplicate fact id {fid!r}", field="id", **where)
-            facts[fid] = Fact(fid, text, tuple(aliases))
-        questions = data.get("questions")
-        if questions is not None:
-            if not isinstance(questions, dict):
-                raise DataError("questions must map question ids to lists of fact ids", file=str(path),
-                                field="questions")
-            for qid, ids in questions.items():
-                if not isinstance(ids, list) or any(i not in facts for i in ids):
-                    unknown = [i for i in ids if i not in facts] if isinstance(ids, list) else ids
-                    raise DataError(f"question {qid!r} lists unknown fact ids {unknown}", file=str(path),
-                                    field="questions")
-            questions = {qid: tuple(ids) for qid, ids in questions.items()}
-        return cls(facts, questions)
-
-    @classmethod
-    def from_traces(cls, traces) -> "FactTable":
-        """A per-question table from annotated traces: each question's gold memory steps are its facts.
-
-        Raises:
-            DataError: a trace without an id (results are matched to gold traces by id).
-        """
-        facts: dict[str, Fact] = {}
-        questions: dict[str, tuple[str, ...]] = {}
-        for index, trace in enumerate(traces):
-            if not trace.id:
-                raise DataError("a gold trace has no id", record=index, field="id")
-            ids = []
-            for k, step in enumerate(trace.steps):
-                if step.kind == MEMORY:
-                    fid = f"{trace.id}:{k}"
-                    facts[fid] = Fact(fid, step.text)
-                    ids.append(fid)
-            questions[trace.id] = tuple(ids)
-        return cls(facts, questions)
-
-    def to_dict(self) -> dict:
-        data: dict[str, Any] = {"format": FACTS_FORMAT, "facts": [
-            {"id": f.id, "text": f.text, **({"aliases": list(f.aliases)} if f.aliases else {})}
-            for f in self.facts.values()]}
-        if self.questions is not None:
-            data["questions"] = {q: list(ids) for q, ids in self.questions.items()}
-        return data
-
-
-class ExactJudge:
-    """Judges memory steps against a ``FactTable`` (see the module docstring for the rules).
-
-    Args:
-        facts (FactTable); threshold (float, default 0.8): the smallest token overlap that matches.
-        name (str, default "exact"); source (str): where the facts came from (for the record).
+def judged_steps(row: Result) -> tuple[Step, ...]:
+    """The steps a judge looks at.
 
     Raises:
-        ConfigError: threshold outside (0, 1].
+        NotApplicable: the row has no steps (nothing to attribute).
     """
-
-    def __init__(self, facts: FactTable, *, threshold: float = 0.8, name: str = "exact", source: str = ""):
-        if not 0.0 < threshold <= 1.0:
-            raise ConfigError(f"the match threshold must be in (0, 1], got {threshold}")
-        self.facts, self.threshold, self.name, self.source = facts, threshold, name, source
-
-    def describe(self) -> dict:
-        digest = hashlib.sha256(json.dumps(self.facts.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-        return {"judge": "exact", "threshold": self.threshold, "facts": self.source, "facts_digest": digest}
-
-    def _matches(self, row: dict) -> tuple[list[dict], list[tuple[str | None, float]]]:
-        steps = _steps(row)
-        unlabelled = sum(step.get("kind") not in KINDS for step in steps)
-        if unlabelled:
-            raise NotApplicable(f"{unlabelled} unlabelled step(s): the exact judge needs memory/reason labels")
-        facts = self.facts.facts_for(row.get("id"))
-        if not facts:
-            raise NotApplicable("no facts for this question in the fact table")
-        return steps, [self.facts.match(step.get("text", ""), facts, self.threshold) for step in steps]
-
-    def attribute_error(self, row: dict) -> ErrorVerdict:
-        steps, matches = self._matches(row)
-        correct = tuple((fid is not None) if step["kind"] == MEMORY else None for step, (fid, _) in zip(steps, matches))
-        first = next((i for i, ok in enumerate(correct) if ok is False), None)
-        evidence = tuple((fid, round(score, 3)) if step["kind"] == MEMORY else None
-                         for step, (fid, score) in zip(steps, matches))
-        if first is not None:
-            explanation = f"memory step {first + 1} matches no fact (best overlap {matches[first][1]:.2f})"
-        else:
-            explanation = "every memory step matches a fact, so the error lies in the reasoning"
-        return ErrorVerdict(MEMORY if first is not None else REASON, first, correct, (None,) * len(steps),
-                            explanation, evidence)
-
-    def check_decoupling(self, row: dict) -> DecouplingVerdict:
-        steps, matches = self._matches(row)
-        forms = tuple("fact" if fid is not None else None for fid, _ in matches)
-        decoupled = tuple((fid is not None) if step["kind"] == MEMORY else (fid is None)
-                          for step, (fid, _) in zip(steps, matches))
-        evidence = tuple((fid, round(score, 3)) for fid, score in matches)
-        return DecouplingVerdict(forms, decoupled, evidence)
+    if not row.steps:
+        raise NotApplicable("no steps")
+    return row.steps
 
 
 # ---------------------------------------------------------------- the LLM judge (prompts in our own words)
@@ -417,22 +182,22 @@ _TYPE_WORDS = {"memory": MEMORY, "knowledge": MEMORY, "fact": MEMORY, "recall": 
                "reasoning": REASON, "inference": REASON}
 
 
-def _numbered(steps: Sequence[dict]) -> str:
-    return "\n".join(f"{i}. {' '.join(str(step.get('text', '')).split())}" for i, step in enumerate(steps, 1))
+def _numbered(steps: Sequence[Step]) -> str:
+    return "\n".join(f"{i}. {' '.join(step.text.split())}" for i, step in enumerate(steps, 1))
 
 
-def error_messages(row: dict) -> list[dict]:
+def error_messages(row: Result) -> list[dict]:
     """The chat messages that ask for an error attribution of one row."""
-    predicted = row.get("predicted")
-    prompt = ERROR_PROMPT.format(question=row.get("question", ""), gold=row.get("gold"),
+    predicted = row.predicted
+    prompt = ERROR_PROMPT.format(question=row.question, gold=row.gold,
                                  predicted=predicted if predicted is not None else "(no readable answer)",
-                                 steps=_numbered(_steps(row)))
+                                 steps=_numbered(judged_steps(row)))
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
 
 
-def decoupling_messages(row: dict) -> list[dict]:
+def decoupling_messages(row: Result) -> list[dict]:
     """The chat messages that ask what each step of one row does."""
-    prompt = DECOUPLING_PROMPT.format(question=row.get("question", ""), steps=_numbered(_steps(row)))
+    prompt = DECOUPLING_PROMPT.format(question=row.question, steps=_numbered(judged_steps(row)))
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
 
 
@@ -441,7 +206,7 @@ class InvalidJudgement(Exception):
 
 
 def _reply_steps(raw: str, n: int) -> tuple[list[dict], dict]:
-    from memreason.data.annotate import InvalidReply, parse_json_reply
+    from memreason.llm import InvalidReply, parse_json_reply
 
     try:
         value = parse_json_reply(raw, [])
@@ -457,13 +222,13 @@ def _reply_steps(raw: str, n: int) -> tuple[list[dict], dict]:
     return steps, value
 
 
-def parse_error_reply(raw: str, row: dict) -> ErrorVerdict:
+def parse_error_reply(raw: str, row: Result) -> ErrorVerdict:
     """Validate an error-attribution reply and turn it into a verdict.
 
     Raises:
         InvalidJudgement: not JSON, wrong number of steps, unknown type, non-boolean ``correct``.
     """
-    steps = _steps(row)
+    steps = judged_steps(row)
     entries, value = _reply_steps(raw, len(steps))
     types, correct = [], []
     for i, entry in enumerate(entries, 1):
@@ -478,20 +243,20 @@ def parse_error_reply(raw: str, row: dict) -> ErrorVerdict:
     if first is None:
         source = REASON  # every step holds, yet the answer is wrong: the conclusion does not follow
     else:
-        label = steps[first].get("kind")
+        label = steps[first].kind
         source = label if label in KINDS else types[first]
     explanation = value.get("explanation")
     return ErrorVerdict(source, first, tuple(correct), tuple(types),
                         explanation if isinstance(explanation, str) else "")
 
 
-def parse_decoupling_reply(raw: str, row: dict) -> DecouplingVerdict:
+def parse_decoupling_reply(raw: str, row: Result) -> DecouplingVerdict:
     """Validate a decoupling reply and turn it into a verdict.
 
     Raises:
         InvalidJudgement: not JSON, wrong number of steps, unknown form.
     """
-    steps = _steps(row)
+    steps = judged_steps(row)
     entries, _ = _reply_steps(raw, len(steps))
     forms = []
     for i, entry in enumerate(entries, 1):
@@ -499,8 +264,8 @@ def parse_decoupling_reply(raw: str, row: dict) -> DecouplingVerdict:
         if form not in FORMS:
             raise InvalidJudgement(f'step {i}: "form" must be one of {", ".join(FORMS)}, got {entry.get("form")!r}')
         forms.append(form)
-    decoupled = tuple(None if step.get("kind") not in KINDS else
-                      (form == "fact" if step["kind"] == MEMORY else form == "inference")
+    decoupled = tuple(None if step.kind not in KINDS else
+                      (form == "fact" if step.kind == MEMORY else form == "inference")
                       for step, form in zip(steps, forms))
     return DecouplingVerdict(tuple(forms), decoupled)
 
@@ -509,14 +274,15 @@ class LLMJudge:
     """A judge behind any OpenAI-compatible chat endpoint.
 
     Args:
-        client: a ``memreason.data.annotate.ChatClient`` (``OpenAIChat(base_url, api_key)``, or a fake).
+        client: a ``memreason.llm.ChatClient`` (``memreason.llm.OpenAIChat(base_url, api_key)``, or a fake).
         model (str): the model name the endpoint knows.
         seed (int, default 0): attempt k of a request uses ``seed + k``.
         temperature (float, default 0.0); max_tokens (int, default 1024).
         attempts (int, default 3): tries per row when a reply fails validation.
         retries (int, default 4): extra tries per request after a transport failure; backoff (float,
-            default 1.0) seconds before the first, doubling up to ``max_backoff`` (default 30).
-        cache (ResponseCache | None): replies on disk (a re-run costs no requests).
+            default 1.0) seconds before the first, doubling up to ``max_backoff`` (default 30), each wait
+            shortened by a random share of up to ``jitter`` (default 0.5): ``memreason.llm.RetryPolicy``.
+        cache (memreason.llm.ResponseCache | None): replies on disk (a re-run costs no requests).
         sleep (callable, default time.sleep): the backoff wait (tests pass a recorder).
         name (str, default "llm"): names the output files.
 
@@ -526,7 +292,9 @@ class LLMJudge:
 
     def __init__(self, client, model: str, *, seed: int = 0, temperature: float = 0.0, max_tokens: int = 1024,
                  attempts: int = 3, retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
-                 cache=None, sleep: Callable[[float], None] = time.sleep, name: str = "llm"):
+                 jitter: float = 0.5, cache=None, sleep: Callable[[float], None] = time.sleep, name: str = "llm"):
+        from memreason.llm import CachedChat, RetryPolicy
+
         if not model:
             raise ConfigError("name the judge model (--model)")
         if attempts < 1 or retries < 0 or max_tokens < 1:
@@ -534,8 +302,14 @@ class LLMJudge:
         self.client, self.model, self.seed, self.temperature = client, model, seed, temperature
         self.max_tokens, self.attempts, self.retries = max_tokens, attempts, retries
         self.backoff, self.max_backoff, self.cache, self.sleep, self.name = backoff, max_backoff, cache, sleep, name
-        self.requests = 0  # requests sent to the endpoint (cache hits excluded)
-        self._lock = threading.Lock()
+        retry = RetryPolicy(retries=retries, backoff=backoff, max_backoff=max_backoff, jitter=jitter)
+        self.chat = CachedChat(client, model, temperature=temperature, max_tokens=max_tokens, retry=retry, cache=cache,
+                               sleep=sleep)
+
+    @property
+    def requests(self) -> int:
+        """Requests sent to the endpoint (cache hits excluded)."""
+        return self.chat.requests
 
     def describe(self) -> dict:
         return {"judge": "llm", "model": self.model, "seed": self.seed, "temperature": self.temperature,
@@ -548,35 +322,14 @@ class LLMJudge:
             JudgeFailed: the server refused the request or kept failing after the retries.
             ConfigError: wrong key or unknown model (nothing else would work either).
         """
-        from memreason.data.annotate import RequestRefused, ResponseCache, TransientError
+        from memreason.llm import RequestRefused, RetriesExhausted
 
-        params = {"temperature": self.temperature, "max_tokens": self.max_tokens}
-        key = ResponseCache.key(messages, self.model, seed, params)
-        if self.cache is not None:
-            cached = self.cache.get(key)
-            if cached is not None:
-                return cached
-        failures = 0
-        while True:
-            with self._lock:
-                self.requests += 1
-            try:
-                content = self.client.complete(messages, model=self.model, seed=seed, temperature=self.temperature,
-                                               max_tokens=self.max_tokens, response_format=None)
-                break
-            except RequestRefused as exc:
-                raise JudgeFailed(f"request refused: {exc}") from None
-            except TransientError as exc:
-                if failures >= self.retries:
-                    raise JudgeFailed(f"still failing after {failures + 1} tries: {exc}") from None
-                delay = min(self.max_backoff, self.backoff * 2 ** failures)
-                failures += 1
-                logger.info("judge request failed (%s); retry %d/%d in %.1f s", exc, failures, self.retries, delay)
-                self.sleep(delay)
-        if self.cache is not None:
-            self.cache.put(key, {"content": content, "model": self.model, "seed": seed, "params": params,
-                                 "messages": messages, "created": time.time()})
-        return content
+        try:
+            return self.chat.complete(messages, seed=seed)
+        except RetriesExhausted as exc:
+            raise JudgeFailed(str(exc)) from None
+        except RequestRefused as exc:
+            raise JudgeFailed(f"request refused: {exc}") from None
 
     def _judge(self, messages: list[dict], parse: Callable[[str], Any]):
         history = messages
@@ -600,11 +353,7 @@ class LLMJudge:
 
 # ---------------------------------------------------------------- running a judge over result rows
 
-def _digest(description: dict) -> str:
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def select_rows(rows: Sequence[dict], check: str, *, include_unparseable: bool = False) -> list[dict]:
+def select_rows(rows: Sequence[Result], check: str, *, include_unparseable: bool = False) -> list[Result]:
     """The rows a check looks at: wrong answers (and unparseable ones on request) for ``errors``, every
     row for ``decoupling``."""
     if check == DECOUPLING:
@@ -612,13 +361,13 @@ def select_rows(rows: Sequence[dict], check: str, *, include_unparseable: bool =
     if check != ERRORS:
         raise ConfigError(f"unknown check {check!r}; choose {ERRORS} or {DECOUPLING}")
     wanted = {"wrong", "unparseable"} if include_unparseable else {"wrong"}
-    return [row for row in rows if row.get("outcome") in wanted]
+    return [row for row in rows if row.outcome in wanted]
 
 
-def verdict_row(row: dict, judge: Judge, check: str, digest: str | None = None) -> dict:
+def verdict_row(row: Result, judge: Judge, check: str, digest: str | None = None) -> dict:
     """Judge one row; never raises for a row the judge cannot or will not judge (``status`` says so)."""
-    record = {"id": row.get("id"), "judge": judge.name, "judge_config": digest or _digest(judge.describe()),
-              "outcome": row.get("outcome"), "kinds": [s.get("kind") for s in row.get("steps") or []]}
+    record = {"id": row.id, "judge": judge.name, "judge_config": digest or settings_digest(judge.describe()),
+              "outcome": row.outcome, "kinds": [s.kind for s in row.steps]}
     try:
         verdict = judge.attribute_error(row) if check == ERRORS else judge.check_decoupling(row)
     except NotApplicable as exc:
@@ -628,7 +377,7 @@ def verdict_row(row: dict, judge: Judge, check: str, digest: str | None = None) 
     return {**record, "status": OK, **verdict.to_dict()}
 
 
-def judge_rows(rows: Sequence[dict], judge: Judge, check: str, out_path: str | Path, *, concurrency: int = 1,
+def judge_rows(rows: Sequence[Result], judge: Judge, check: str, out_path: str | Path, *, concurrency: int = 1,
                overwrite: bool = False, progress: Callable[[int], None] | None = None) -> list[dict]:
     """Judge ``rows`` and append one verdict per row to ``out_path`` (JSONL) as each finishes.
 
@@ -647,34 +396,30 @@ def judge_rows(rows: Sequence[dict], judge: Judge, check: str, out_path: str | P
     Raises:
         ConfigError: the file holds verdicts of another judge configuration (pass ``overwrite``), a bad
             check or concurrency; or the judge's endpoint refuses the key or the model.
-        DataError: duplicate row ids.
+        DataError: duplicate row ids, or ``out_path`` holds something other than verdicts.
     """
-    from memreason.evaluate import _append_rows, read_results
-
     if check not in (ERRORS, DECOUPLING):
         raise ConfigError(f"unknown check {check!r}; choose {ERRORS} or {DECOUPLING}")
     if concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
-    ids = [row.get("id") for row in rows]
+    ids = [row.id for row in rows]
     if len(set(ids)) != len(ids):
         raise DataError("duplicate ids in the result rows; verdicts are keyed by id")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    digest = _digest(judge.describe())
+    digest = settings_digest(judge.describe())
     if overwrite:
         out_path.unlink(missing_ok=True)
-    previous = read_results(out_path)
+    # the verdict file is this function's own output: repair an interrupted append before resuming it
+    drop_torn_tail(out_path)
+    previous = read_verdicts(out_path) if out_path.exists() else []
     foreign = {r.get("judge_config") for r in previous} - {digest}
     if foreign:
         raise ConfigError(f"{out_path} holds verdicts from another {judge.name} judge configuration; "
                           "pass --overwrite or choose another --out")
     done = {r["id"]: r for r in previous if r.get("status") != FAILED}
-    if any(r.get("status") == FAILED for r in previous):
-        kept = [r for r in previous if r.get("status") != FAILED]
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-        tmp.replace(out_path)
-    todo = [row for row in rows if row.get("id") not in done]
+    if any(r.get("status") == FAILED for r in previous):  # failed rows are judged again: drop their verdicts
+        atomic_write(out_path, "".join(to_json(r) + "\n" for r in previous if r.get("status") != FAILED))
+    todo = [row for row in rows if row.id not in done]
     if done and progress:
         progress(len(rows) - len(todo))
     results = dict(done)
@@ -683,7 +428,7 @@ def judge_rows(rows: Sequence[dict], judge: Judge, check: str, out_path: str | P
         try:
             for future in as_completed(futures):
                 record = future.result()
-                _append_rows(out_path, [record])
+                append_jsonl(out_path, [record])
                 results[record["id"]] = record
                 if progress:
                     progress(1)
@@ -763,6 +508,20 @@ def agreement(first: Sequence[dict], second: Sequence[dict]) -> dict:
     return {"n": len(both), "agreement": _share(agree, len(both)), "kappa": cohen_kappa(x, y), "confusion": confusion}
 
 
+def read_verdicts(path: str | Path) -> list[dict]:
+    """The verdict rows of a ``<check>_<judge>.jsonl`` file (``memreason.io.read_jsonl``: never writes).
+
+    Raises:
+        DataError: missing, not JSON lines, or a row that is not a verdict (naming the file and row).
+    """
+    rows = read_jsonl(path, what="verdict file")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or "status" not in row:
+            raise DataError(f"row {number} is not a judge verdict (expected an object with a status)",
+                            file=str(path))
+    return rows
+
+
 def write_summary(out_dir: str | Path, check: str, described: dict[str, dict] | None = None) -> dict:
     """Summarise every ``<check>_<judge>.jsonl`` verdict file in ``out_dir`` (judges run earlier
     included) into ``<check>_summary.json``, with the agreement of every pair of judges for ``errors``.
@@ -779,11 +538,8 @@ def write_summary(out_dir: str | Path, check: str, described: dict[str, dict] | 
 
     out = Path(out_dir)
     path = out / f"{check}_summary.json"
-    previous = json.loads(path.read_text(encoding="utf-8")).get("judges", {}) if path.is_file() else {}
-    verdicts = {}
-    for file in sorted(out.glob(f"{check}_*.jsonl")):
-        lines = file.read_text(encoding="utf-8").splitlines()
-        verdicts[file.stem[len(check) + 1:]] = [json.loads(line) for line in lines if line.strip()]
+    previous = read_json(path, what="judge summary").get("judges", {}) if path.is_file() else {}
+    verdicts = {file.stem[len(check) + 1:]: read_verdicts(file) for file in sorted(out.glob(f"{check}_*.jsonl"))}
     summarise = summarise_errors if check == ERRORS else summarise_decoupling
     judges = {}
     for name, items in verdicts.items():
@@ -793,7 +549,5 @@ def write_summary(out_dir: str | Path, check: str, described: dict[str, dict] | 
     if check == ERRORS:
         for a, b in combinations(sorted(verdicts), 2):
             summary["agreement"][f"{a} vs {b}"] = agreement(verdicts[a], verdicts[b])
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, summary)
     return summary

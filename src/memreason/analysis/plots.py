@@ -1,8 +1,13 @@
-"""Figures from analysis tables: a layer × span-kind attention heatmap and a per-example token heatmap.
+"""Every figure memreason draws, each from a table (never a model), written as a PNG:
 
-Each function takes a table (rows from ``memreason.analysis.attention``; never a model) and writes a PNG.
-Figures are drawn on a ``matplotlib.figure.Figure`` with the Agg canvas directly, so no pyplot state and
-no backend switch leak into the caller's process.
+* ``plot_layer_heatmap``: attention mass and enrichment by layer and span kind
+  (``memreason.analysis.attention_tables.layer_table``);
+* ``plot_token_heatmap``: one head's attention over one example's tokens (``attention.token_table``);
+* ``plot_sweep_heatmap``: a memory-injection sweep's layer × tau grid per condition (its cell table);
+* ``plot_training_curves``: training loss, validation loss and accuracy against steps (``metrics.jsonl`` rows).
+
+Figures are drawn on a ``matplotlib.figure.Figure`` with the Agg canvas directly: pyplot is never imported
+and the backend is never switched, so no figure state or backend choice leaks into the caller's process.
 """
 
 from __future__ import annotations
@@ -23,13 +28,20 @@ QUERY_LABELS = {"memory": "memory-step tokens", "reason": "reason-step tokens", 
                 "answer": "answer-line tokens", "markers": "marker tokens"}
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, dpi: float = 110):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(width, height), dpi=110)
+    figure = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(figure)
     return figure
+
+
+def _save(figure, path: str | Path, **kwargs) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, **kwargs)
+    return path
 
 
 def plot_layer_heatmap(rows: Sequence[dict], path: str | Path, *, query_groups: Sequence[str] | None = None,
@@ -38,7 +50,7 @@ def plot_layer_heatmap(rows: Sequence[dict], path: str | Path, *, query_groups: 
     enrichment over the uniform baseline (bottom row; red = more than the span's share of visible tokens).
 
     Args:
-        rows: ``attention.layer_table`` rows (``layer, query, key, n, mean, enrichment, ...``).
+        rows: ``attention_tables.layer_table`` rows (``layer, query, key, n, mean, enrichment, ...``).
         path: the PNG to write.
         query_groups: which query groups to show (default: every group present, in ``QUERY_GROUPS`` order).
         title (str | None): figure title.
@@ -96,10 +108,7 @@ def plot_layer_heatmap(rows: Sequence[dict], path: str | Path, *, query_groups: 
             ax.set_ylabel("layer", fontsize=8)
     figure.suptitle(title or "Attention by layer and span kind (mean over heads and examples)", fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return _save(figure, path)
 
 
 def _label(token: str) -> str:
@@ -163,7 +172,97 @@ def plot_token_heatmap(table: dict, path: str | Path, *, max_tokens: int = 120, 
                   ncol=min(len(shown), 6), frameon=False)
     name = title or f"example {table.get('id')}: layer {table.get('layer')}, head {table.get('head')}"
     figure.suptitle(name, fontsize=9, x=0.02, ha="left")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, bbox_inches="tight")
-    return path
+    return _save(figure, path, bbox_inches="tight")
+
+
+def plot_sweep_heatmap(cells: Sequence[dict], path: str | Path, split: str = "dev", metric: str = "mean_dlogp",
+                       best: tuple[int, float] | None = None, title: str | None = None) -> Path:
+    """Layer × tau heatmaps of ``metric`` on ``split``, one panel per condition, on one diverging scale.
+
+    Args:
+        cells: a memory-injection sweep's cell table (``SweepResult.cells`` or ``cells.csv`` rows: ``split``,
+            ``condition``, ``layer``, ``tau`` and the metric).
+        path: the PNG to write.
+        split (str, default "dev"): which split to show (the one the cell was chosen on).
+        metric (str, default "mean_dlogp"): a column of the cell table.
+        best (tuple[int, float] | None): (layer, tau) to mark.
+        title (str | None): figure title.
+
+    Returns:
+        Path: ``path``.
+    """
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    rows = [r for r in cells if r["split"] == split]
+    conditions = list(dict.fromkeys(r["condition"] for r in rows))
+    layers = sorted({int(r["layer"]) for r in rows})
+    taus = sorted({float(r["tau"]) for r in rows})
+    grids = {}
+    for c in conditions:
+        grid = np.full((len(layers), len(taus)), np.nan)
+        for r in rows:
+            if r["condition"] == c:
+                grid[layers.index(int(r["layer"])), taus.index(float(r["tau"]))] = float(r[metric])
+        grids[c] = grid
+    # Zero is white; the two sides get their own ranges, negatives clipped at the 5th percentile: destroyed
+    # cells (Δlog p of -10 or worse) would otherwise wash out the small positive effects that matter.
+    values = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
+    low = min(float(np.percentile(values, 5)) if values.size else -1.0, -1e-3)
+    high = max(float(values.max()) if values.size else 1.0, 1e-3)
+    scale = TwoSlopeNorm(vcenter=0.0, vmin=low, vmax=high)
+    # dpi 100 while drawing (pyplot's default, which the layout was made for); the file is written at 110
+    figure = _figure(2.2 + 2.0 * len(conditions), 0.28 * len(layers) + 2, dpi=100)
+    axes = figure.subplots(1, len(conditions), squeeze=False, sharey=True)
+    for ax, c in zip(axes[0], conditions):
+        image = ax.imshow(grids[c], cmap="RdBu", norm=scale, aspect="auto", origin="lower")
+        ax.set_title(c)
+        ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus], rotation=45)
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel("tau")
+        if best is not None and best[0] in layers and best[1] in taus:
+            ax.scatter([taus.index(best[1])], [layers.index(best[0])], marker="*", s=120, c="gold",
+                       edgecolors="black")
+    axes[0][0].set_ylabel("layer")
+    bar = figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=f"{metric} ({split}; clipped)")
+    bar.set_ticks([*np.linspace(low, 0, 4), *np.linspace(0, high, 3)[1:]])
+    if title:
+        figure.suptitle(title, y=1.0 + 0.3 / figure.get_figheight())
+    return _save(figure, path, dpi=110, bbox_inches="tight")
+
+
+def plot_training_curves(rows: Sequence[dict], path: str | Path) -> Path:
+    """Training loss, validation loss, validation accuracy and format rate against optimiser steps.
+
+    Args:
+        rows: ``metrics.jsonl`` rows of a run (``step`` with ``loss``, ``eval_loss``, ``eval_val_accuracy``,
+            ``eval_val_format_rate``, each where logged).
+        path: the PNG to write.
+
+    Returns:
+        Path: ``path``.
+    """
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val_loss = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    val_acc = [(r["step"], r["eval_val_accuracy"]) for r in rows if "eval_val_accuracy" in r]
+    val_fmt = [(r["step"], r["eval_val_format_rate"]) for r in rows if "eval_val_format_rate" in r]
+    figure = _figure(7, 4, dpi=100)
+    loss_axis = figure.subplots()
+    if train:
+        loss_axis.plot(*zip(*train), label="train loss", color="tab:blue")
+    if val_loss:
+        loss_axis.plot(*zip(*val_loss), "o-", label="val loss", color="tab:orange")
+    loss_axis.set_xlabel("optimiser step")
+    loss_axis.set_ylabel("loss (target tokens)")
+    acc_axis = loss_axis.twinx()
+    if val_acc:
+        acc_axis.plot(*zip(*val_acc), "s-", label="val accuracy", color="tab:green")
+    if val_fmt:
+        acc_axis.plot(*zip(*val_fmt), "^:", label="val format rate", color="tab:gray")
+    acc_axis.set_ylim(0, 1.02)
+    acc_axis.set_ylabel("validation (greedy generations)")
+    handles = loss_axis.get_legend_handles_labels()[0] + acc_axis.get_legend_handles_labels()[0]
+    labels = loss_axis.get_legend_handles_labels()[1] + acc_axis.get_legend_handles_labels()[1]
+    loss_axis.legend(handles, labels, loc="center right", fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path, dpi=120)

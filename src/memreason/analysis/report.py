@@ -7,8 +7,9 @@ URL fragment, e.g. ``report.html#outcome=wrong&q=pasta``, so a filtered view can
 inserted with ``textContent``, never as markup, and the JSON block escapes ``<``, so no generated text
 can break out of the page.
 
-``collect_inspect`` reads what ``memreason inspect`` wrote; ``build_report`` turns rows and those
-tables into HTML (pure); ``write_report`` writes it atomically.
+``collect_inspect`` reads what ``memreason inspect`` wrote; ``build_report`` turns ``Result`` rows and
+those tables into HTML (pure); ``write_report`` writes it atomically; ``report_from_files`` reads a results
+file and what lies beside it. Reading never changes a file.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 from memreason.errors import DataError
+from memreason.io import atomic_write, read_json
 from memreason.stats import wilson_ci
+from memreason.traces import MEMORY, REASON, UNLABELLED, Result
 
 # Same colours as memreason.analysis.plots.KIND_COLOURS (memory blue, reason green, unlabelled amber).
 STEP_COLOURS = {"memory": "#2b6cb0", "reason": "#2f855a", "step": "#b7791f"}
@@ -174,40 +176,51 @@ def _ci(ci) -> str:
     return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
-def summary_table(rows: Sequence[dict]) -> dict:
+def summary_table(rows: Sequence[Result]) -> dict:
     """Outcome counts, accuracy with a 95% Wilson CI, and steps / tokens per answer, from result rows."""
     n = len(rows)
-    outcomes = Counter(row.get("outcome") for row in rows)
-    mean = (lambda key: sum(row.get(key) or 0 for row in rows) / n) if n else (lambda key: 0.0)
+    outcomes = Counter(row.outcome for row in rows)
+    mean = (lambda values: sum(values) / n) if n else (lambda values: 0.0)
     low, high = wilson_ci(outcomes["correct"], n) if n else (None, None)
     return {"n": n, "correct": outcomes["correct"], "wrong": outcomes["wrong"],
             "unparseable": outcomes["unparseable"], "accuracy": outcomes["correct"] / n if n else None,
-            "ci95": [low, high], "memory_steps": mean("n_memory"), "reason_steps": mean("n_reason"),
-            "unlabelled_steps": (sum(sum(s.get("kind") == "step" for s in row.get("steps") or []) for row in rows) / n
-                                 if n else 0.0),
-            "tokens": mean("n_tokens"), "marker_tokens": mean("marker_tokens")}
+            "ci95": [low, high], "memory_steps": mean([row.trace.count(MEMORY) for row in rows]),
+            "reason_steps": mean([row.trace.count(REASON) for row in rows]),
+            "unlabelled_steps": mean([row.trace.count(UNLABELLED) for row in rows]),
+            "tokens": mean([row.n_tokens for row in rows]), "marker_tokens": mean([row.marker_tokens for row in rows])}
+
+
+def _read_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object (a summary ``memreason`` wrote)."""
+    value = read_json(path, what=what)
+    if not isinstance(value, dict):
+        raise DataError(f"expected a JSON object (a {what}), got {type(value).__name__}", file=str(path))
+    return value
 
 
 def collect_inspect(directory: str | Path) -> dict:
     """What ``memreason inspect`` left in ``directory``: judge summaries and verdicts per check, the
-    attention summary, and figures (PNG bytes with captions). Missing pieces are simply absent."""
+    attention summary, and figures (PNG bytes with captions). Missing pieces are simply absent.
+
+    Raises:
+        DataError: a summary or verdict file there is not what ``memreason inspect`` writes.
+    """
+    from memreason.analysis.judges import read_verdicts
+
     directory = Path(directory)
     found: dict = {"figures": []}
     if not directory.is_dir():
         return found
     for check in CHECKS:
         summary_path = directory / f"{check}_summary.json"
-        verdicts = {}
-        for path in sorted(directory.glob(f"{check}_*.jsonl")):
-            name = path.stem[len(check) + 1:]
-            lines = path.read_text(encoding="utf-8").splitlines()
-            verdicts[name] = [json.loads(line) for line in lines if line.strip()]
+        verdicts = {path.stem[len(check) + 1:]: read_verdicts(path)
+                    for path in sorted(directory.glob(f"{check}_*.jsonl"))}
         if summary_path.is_file() or verdicts:
-            summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+            summary = _read_object(summary_path, "judge summary") if summary_path.is_file() else {}
             found[check] = {"summary": summary, "verdicts": verdicts}
     attention = directory / "attention_summary.json"
     if attention.is_file():
-        found["attention"] = json.loads(attention.read_text(encoding="utf-8"))
+        found["attention"] = _read_object(attention, "attention summary")
     layers = directory / "attention_layers.png"
     if layers.is_file():
         found["figures"].append(("Attention mass by layer and span kind (top; mean over heads and examples) and "
@@ -261,36 +274,34 @@ def _judge_tables(check: str, data: dict) -> str:
     return "".join(parts)
 
 
-def _examples(rows: Sequence[dict], inspect: dict) -> list[dict]:
+def _examples(rows: Sequence[Result], inspect: dict) -> list[dict]:
     verdicts = {check: {name: {v.get("id"): v for v in items}
                         for name, items in ((inspect.get(check) or {}).get("verdicts") or {}).items()}
                 for check in CHECKS}
     examples = []
     for row in rows:
-        steps = [{"kind": s.get("kind") if s.get("kind") in STEP_COLOURS else "step", "text": s.get("text", "")}
-                 for s in row.get("steps") or []]
-        rid = row.get("id")
+        steps = [{"kind": s.kind if s.kind in STEP_COLOURS else "step", "text": s.text} for s in row.steps]
+        rid = row.id
         keep = ("status", "reason", "source", "first_faulty", "explanation", "forms", "decoupled")
         per_check: dict[str, list] = {check: [] for check in CHECKS}
         for check in CHECKS:
             for name, by_id in verdicts[check].items():
                 if rid in by_id:
                     per_check[check].append({"judge": name, **{k: by_id[rid].get(k) for k in keep}})
-        search = " ".join([str(rid), row.get("question") or "", row.get("raw") or ""] +
-                          [s["text"] for s in steps]).lower()
-        examples.append({"id": str(rid), "question": row.get("question") or "", "gold": row.get("gold"),
-                         "predicted": row.get("predicted"), "outcome": row.get("outcome") or "unparseable",
-                         "steps": steps, "raw": row.get("raw") or "", "n_tokens": row.get("n_tokens"),
+        search = " ".join([str(rid), row.question or "", row.raw] + [s["text"] for s in steps]).lower()
+        examples.append({"id": str(rid), "question": row.question or "", "gold": row.gold,
+                         "predicted": row.predicted, "outcome": row.outcome or "unparseable",
+                         "steps": steps, "raw": row.raw, "n_tokens": row.n_tokens,
                          "errors": per_check["errors"], "decoupling": per_check["decoupling"], "search": search})
     return examples
 
 
-def build_report(rows: Sequence[dict], *, eval_summary: dict | None = None, inspect: dict | None = None,
+def build_report(rows: Sequence[Result], *, eval_summary: dict | None = None, inspect: dict | None = None,
                  title: str = "memreason report", source: str = "") -> str:
     """The HTML page (a string).
 
     Args:
-        rows: ``results.jsonl`` rows.
+        rows: ``results.jsonl`` rows (``memreason.evaluate.read_results``).
         eval_summary (dict | None): ``summary.json`` beside them (its config is shown when present).
         inspect (dict | None): from ``collect_inspect`` (judge tables, verdicts, figures).
         title (str): page title; source (str): where the rows came from (shown under the title).
@@ -348,13 +359,13 @@ def build_report(rows: Sequence[dict], *, eval_summary: dict | None = None, insp
 
 
 def write_report(page: str, path: str | Path) -> Path:
-    """Write the page atomically (a temporary file renamed into place); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write the page atomically (``memreason.io.atomic_write``); returns the path.
+
+    Raises:
+        ConfigError: the path is a directory, under a file, or not writable.
+    """
+    atomic_write(path, page)
+    return Path(path)
 
 
 def report_from_files(results: str | Path, *, inspect_dir: str | Path | None = None,
@@ -363,18 +374,19 @@ def report_from_files(results: str | Path, *, inspect_dir: str | Path | None = N
     inspect directory (default: ``inspect/`` beside the results).
 
     Raises:
-        DataError: the results file is missing or holds no rows.
+        DataError: the results file is missing, holds no rows or rows that are not results, or a file
+            beside it is not what memreason wrote.
     """
     from memreason.evaluate import read_results
 
     results = Path(results)
-    if not results.is_file():
+    if not results.exists():
         raise DataError("results file not found", file=str(results))
     rows = read_results(results)
     if not rows:
         raise DataError("no result rows", file=str(results))
     summary_path = results.parent / "summary.json"
-    eval_summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    eval_summary = _read_object(summary_path, "summary.json") if summary_path.is_file() else None
     inspect = collect_inspect(Path(inspect_dir) if inspect_dir else results.parent / "inspect")
     return build_report(rows, eval_summary=eval_summary, inspect=inspect,
                         title=title or f"memreason report: {results.parent.name}", source=str(results))

@@ -1,7 +1,8 @@
 """The exact judge of the synthetic world: every step of a generated trace is checked against the world.
 
 ``WorldJudge`` implements the ``Judge`` interface of ``analysis.judges`` (``attribute_error(row)``,
-``check_decoupling(row)`` on ``results.jsonl`` rows), so it plugs into ``judge_rows`` and the summaries.
+``check_decoupling(row)`` on ``memreason.traces.Result`` rows), so it plugs into ``judge_rows`` and the
+summaries.
 
 Each step is read with the world's own wordings (``data/world.py``), which also gives the step's type by
 its content, whatever its label says:
@@ -29,16 +30,15 @@ reasoning error at the answer (``first_faulty = None``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from memreason.analysis.judges import DecouplingVerdict, ErrorVerdict, NotApplicable
+from memreason.analysis.judges import DecouplingVerdict, ErrorVerdict, NotApplicable, judged_steps
 from memreason.data.world import NO, RELATIONS, WORLD_FORMAT, YES
 from memreason.errors import DataError
-from memreason.traces import MEMORY, REASON
+from memreason.io import read_json, settings_digest
+from memreason.traces import MEMORY, REASON, Result
 
 TRUE, FALSE, UNKNOWN_ENTITY, UNPARSED = "true", "false", "unknown_entity", "unparsed"
 VALID, INVALID = "valid", "invalid"
@@ -113,19 +113,15 @@ class WorldJudge:
         path = Path(path)
         if path.is_dir():
             path = path / "world.json"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError("world file not found (write one with `memreason world generate`)", file=str(path)) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"not a JSON world file: {exc}", file=str(path)) from None
+        if not path.exists():
+            raise DataError("world file not found (write one with `memreason world generate`)", file=str(path))
+        data = read_json(path, what="world file")
         if not isinstance(data, dict) or data.get("format") != WORLD_FORMAT:
             raise DataError(f"not a world file (expected format {WORLD_FORMAT!r})", file=str(path), field="format")
         return cls(data, source=str(path))
 
     def describe(self) -> dict:
-        digest = hashlib.sha256(json.dumps(self.world, sort_keys=True).encode()).hexdigest()[:16]
-        return {"judge": "world", "world": self.source, "world_digest": digest}
+        return {"judge": "world", "world": self.source, "world_digest": settings_digest(self.world)}
 
     # -- single steps -----------------------------------------------------------------------------------
 
@@ -169,20 +165,20 @@ class WorldJudge:
             return StepCheck(MEMORY, FALSE, f"composite recall: the chain leads to {current}, not {obj}", claim=claim)
         return StepCheck(MEMORY, TRUE, f"composite recall: {subject} → {obj}", claim=claim)
 
-    def check_steps(self, row: dict) -> list[StepCheck]:
+    def check_steps(self, row: Result) -> list[StepCheck]:
         """Check every step of a result row in order (see the module docstring).
 
         Raises:
             NotApplicable: the row's question is not in this world.
         """
-        meta = self.questions.get(row.get("id"))
+        meta = self.questions.get(row.id)
         if meta is None:
             raise NotApplicable("the question is not in this world")
         stated: dict[tuple, str] = {}     # (path, subject) -> object, as the memory steps say
         concluded: dict[str, str] = {}    # subject -> chain conclusion, as the steps say
         checks = []
-        for step in row.get("steps") or []:
-            text = _clean(step.get("text", ""))
+        for step in row.steps:
+            text = _clean(step.text)
             memory = self.check_memory(text)
             if memory is None or memory.status == UNKNOWN_ENTITY:
                 # "The birthplace of the mentor of X is Y." reads as a born_in fact about an unknown entity
@@ -242,22 +238,20 @@ class WorldJudge:
 
     # -- the Judge interface ----------------------------------------------------------------------------
 
-    def attribute_error(self, row: dict) -> ErrorVerdict:
+    def attribute_error(self, row: Result) -> ErrorVerdict:
         """Where a wrong answer first went wrong (see the module docstring).
 
         Raises:
             NotApplicable: no steps, a question not in the world, or an unchecked unlabelled step first.
         """
-        steps = row.get("steps") or []
-        if not steps:
-            raise NotApplicable("no steps")
+        steps = judged_steps(row)
         checks = self.check_steps(row)
         correct = tuple(c.ok for c in checks)
         types = tuple(c.type for c in checks)
         evidence = tuple((c.fact_id, 1.0) if c.fact_id else None for c in checks)
         first = next((i for i, c in enumerate(checks) if not c.ok), None)
         if first is not None:
-            source = checks[first].type or steps[first].get("kind")
+            source = checks[first].type or steps[first].kind
             if source not in (MEMORY, REASON):
                 raise NotApplicable(f"step {first + 1} matches no wording and has no memory/reason label")
             explanation = f"step {first + 1} ({source}, {checks[first].status}): {checks[first].detail}"
@@ -265,31 +259,29 @@ class WorldJudge:
         decided = _decision(checks)
         if decided is None:
             explanation = "every step checks out, but none decides the answer"
-        elif decided != row.get("predicted"):
-            explanation = f"the steps decide {decided}, but the answer line says {row.get('predicted')}"
+        elif decided != row.predicted:
+            explanation = f"the steps decide {decided}, but the answer line says {row.predicted}"
         else:
             explanation = "every step checks out and the answer follows; the steps answer another question"
         return ErrorVerdict(REASON, None, correct, types, explanation, evidence)
 
-    def answer_follows(self, row: dict) -> bool:
+    def answer_follows(self, row: Result) -> bool:
         """Whether every step checks out and the answer line states what the last decision step decided
         (true of every gold trace)."""
         checks = self.check_steps(row)
         decided = _decision(checks)
-        return all(c.ok for c in checks) and decided is not None and decided == row.get("predicted")
+        return all(c.ok for c in checks) and decided is not None and decided == row.predicted
 
-    def check_decoupling(self, row: dict) -> DecouplingVerdict:
+    def check_decoupling(self, row: Result) -> DecouplingVerdict:
         """Whether memory-labelled steps state facts (true or false) and reason-labelled steps derive.
 
         Raises:
             NotApplicable: no steps, or a question not in the world.
         """
-        if not row.get("steps"):
-            raise NotApplicable("no steps")
+        steps = judged_steps(row)
         checks = self.check_steps(row)
         forms = tuple({MEMORY: "fact", REASON: "inference"}.get(c.type, "other") for c in checks)
-        decoupled = tuple(None if s.get("kind") not in (MEMORY, REASON)
-                          else (c.type == s["kind"]) for s, c in zip(row["steps"], checks))
+        decoupled = tuple(None if s.kind not in (MEMORY, REASON) else (c.type == s.kind) for s, c in zip(steps, checks))
         return DecouplingVerdict(forms, decoupled, tuple((c.fact_id, 1.0) if c.fact_id else None for c in checks))
 
 
@@ -310,8 +302,3 @@ def _decision(checks: list[StepCheck]) -> str | None:
     """What the last decision step decided (None without one)."""
     return next((c.decision for c in reversed(checks) if c.decision is not None), None)
 
-
-def gold_row(trace) -> dict:
-    """A gold Trace as a result row (its own answer as the prediction), for checking gold traces."""
-    return {"id": trace.id, "question": trace.question, "gold": trace.answer, "predicted": trace.answer,
-            "outcome": "correct", "steps": [{"kind": s.kind, "text": s.text} for s in trace.steps]}

@@ -9,7 +9,8 @@
   shares with 95% CIs, per-example verdicts, and the judges' agreement (percent, Cohen's kappa).
 * ``decoupling``: does each memory step state a fact and each reason step derive something?
 
-Outputs go to --out (default: inspect/ beside the results), where `memreason report` finds them.
+Outputs go to --out (default: inspect/ beside the results), where `memreason report` finds them. Inputs are
+only read: the results file and everything beside it stay byte for byte as they were.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def register(subparsers) -> None:
     attention.add_argument("--run", default=None, help="the run directory or model that generated the results "
                            "(default: the model recorded in eval_config.json beside them)")
     attention.add_argument("--prompt-style", choices=["auto", "plain", "chat"], default=None,
-                           help="default: the style recorded in eval_config.json")
-    attention.add_argument("--data", default=None, help="dataset the evaluation's worked examples came from "
-                           "(default: the source recorded in eval_config.json)")
+                           help="results written before schema 2 only (they kept no prompt, so it is rebuilt): "
+                           "default: the style recorded in eval_config.json")
+    attention.add_argument("--data", default=None, help="results written before schema 2 only: dataset the "
+                           "evaluation's worked examples came from (default: the source in eval_config.json)")
     attention.add_argument("--example", default=None, help="also draw a token heatmap for this example id")
     attention.add_argument("--layer", type=int, default=0, help="layer of the token heatmap (negative counts "
                            "from the end; default 0)")
@@ -97,11 +99,16 @@ def _common(parser) -> None:
 
 
 def _rows_and_config(args):
+    """The result rows (``Result``), ``eval_config.json`` beside them (or None) and the checked output
+    directory; nothing is written."""
+    from memreason.cli._paths import check_writable
     from memreason.errors import DataError
     from memreason.evaluate import read_results
+    from memreason.io import read_json
 
     results = Path(args.results)
-    if not results.is_file():
+    out = check_writable(Path(args.out) if args.out else results.parent / "inspect", directory=True)
+    if not results.exists():
         raise DataError("results file not found", file=str(results))
     rows = read_results(results)
     if args.limit is not None:
@@ -109,8 +116,9 @@ def _rows_and_config(args):
     if not rows:
         raise DataError("no result rows", file=str(results))
     config_path = results.parent / "eval_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
-    out = Path(args.out) if args.out else results.parent / "inspect"
+    config = read_json(config_path, what="eval_config.json") if config_path.is_file() else None
+    if config is not None and not isinstance(config, dict):
+        raise DataError("expected a JSON object (the settings of `memreason eval`)", file=str(config_path))
     return rows, config, out
 
 
@@ -136,31 +144,35 @@ def _load_model(args, config):
 def run_attention(args) -> int:
     from tqdm import tqdm
 
-    from memreason.analysis import attention
+    from memreason.analysis import attention, attention_tables
     from memreason.analysis.plots import plot_layer_heatmap, plot_token_heatmap
     from memreason.cli._render import format_table
     from memreason.errors import ConfigError
+    from memreason.io import atomic_write, read_json
 
     rows, config, out = _rows_and_config(args)
-    example_row = None
+    index = None
     if args.example is not None:
-        example_row = next((r for r in rows if str(r.get("id")) == args.example), None)
-        if example_row is None:
+        index = next((i for i, r in enumerate(rows) if str(r.id) == args.example), None)
+        if index is None:
             raise ConfigError(f"no example with id {args.example!r} in {args.results}")
+    if all(row.prompt is not None for row in rows) and (args.prompt_style or args.data):
+        raise ConfigError("--prompt-style and --data rebuild the prompts of results written before schema 2; "
+                          "these rows recorded the exact prompt they were given: leave the options out")
     model, tokenizer, name, run_style = _load_model(args, config)
     style = args.prompt_style or (None if config else run_style)
-    prompts = attention.rebuild_prompts(rows, config, tokenizer, prompt_style=style, data=args.data)
+    prompts = attention.row_prompts(rows, config, tokenizer, prompt_style=style, data=args.data)
     meta = {"model": name, "results": str(args.results), "prompt_style": style or (config or {}).get("prompt_style")}
     with tqdm(total=len(rows), desc="attention", unit="ex") as bar:
-        result = attention.measure(model, tokenizer, rows, prompts, progress=bar.update, meta=meta)
-    paths = attention.save(result, out, seed=args.seed)
-    layer_rows = attention.read_table(paths["by_layer"])
+        result = attention_tables.measure(model, tokenizer, rows, prompts, progress=bar.update, meta=meta)
+    paths = attention_tables.save(result, out, seed=args.seed)
+    layer_rows = attention_tables.read_table(paths["by_layer"])
     figure = plot_layer_heatmap(layer_rows, out / "attention_layers.png",
                                 title=f"{Path(name).name}: attention by layer and span kind "
                                       f"({len(rows)} examples, mean over heads)")
     print(f"teacher-forced {len(rows)} examples through {name} "
           f"({result.n_layers} layers × {result.n_heads} heads)")
-    summary = json.loads(paths["summary"].read_text())
+    summary = read_json(paths["summary"])
     table = [[r["query"], r["key"], f"{r['mean']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
               f"{r['uniform']:.3f}", f"{r['enrichment']:.2f}", f"{r['n_seen']}/{r['n']}"]
              for r in summary["overall"] if r["query"] in ("answer", "reason", "step") and r["n_seen"] > 0]
@@ -169,14 +181,14 @@ def run_attention(args) -> int:
           "that have the query tokens):")
     print(format_table(["queries", "keys", "mass", "95% CI", "uniform", "enrichment", "n"], table))
     written = [paths["by_head"], paths["by_layer"], paths["examples"], paths["summary"], figure]
-    if example_row is not None:
+    if index is not None:
+        example_row = rows[index]
         layer = args.layer % result.n_layers if -result.n_layers <= args.layer < result.n_layers else args.layer
-        index = rows.index(example_row)
-        measured = attention.teacher_force(model, tokenizer, prompts[index], example_row.get("raw") or "",
-                                           question=example_row.get("question"), keep=(layer, args.head))
+        measured = attention.teacher_force(model, tokenizer, prompts[index], example_row.raw,
+                                           question=example_row.question, keep=(layer, args.head))
         table = attention.token_table(measured, layer=layer, head=args.head, example_id=args.example)
         stem = f"attention_example_{args.example}_L{layer}_H{args.head}"
-        (out / f"{stem}.json").write_text(json.dumps(table), encoding="utf-8")
+        atomic_write(out / f"{stem}.json", json.dumps(table))
         written += [out / f"{stem}.json", plot_token_heatmap(table, out / f"{stem}.png")]
     print("wrote:\n" + "\n".join(f"  {p}" for p in written))
     return 0
@@ -185,13 +197,14 @@ def run_attention(args) -> int:
 # ---------------------------------------------------------------- judges
 
 def _judges(args, out: Path, config: dict | None):
-    from memreason.analysis.judges import ExactJudge, FactTable, LLMJudge
+    from memreason.analysis.exact_judge import ExactJudge, FactTable
+    from memreason.analysis.judges import LLMJudge
     from memreason.errors import ConfigError
 
     judges = []
     for kind in dict.fromkeys(args.judge):  # each judge once, in the order given
         if kind == "llm":
-            from memreason.data.annotate import OpenAIChat, ResponseCache, resolve_endpoint
+            from memreason.llm import OpenAIChat, ResponseCache, resolve_endpoint
 
             if not args.model:
                 raise ConfigError("the LLM judge needs --model (the model name at the endpoint)")

@@ -1,6 +1,7 @@
 """``memreason report``: one self-contained HTML page about an evaluation (summary with CIs, judge verdicts,
 attention figures, and every example with its memory and reason steps coloured, filterable by outcome
-and text). Open it in any browser; nothing is fetched from the network."""
+and text). Open it in any browser; nothing is fetched from the network. The results file and everything read
+beside it stay byte for byte as they were; only the page is written."""
 
 from __future__ import annotations
 
@@ -28,9 +29,14 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from memreason.analysis.report import report_from_files, write_report
+    from memreason.cli._paths import check_writable
+    from memreason.errors import ConfigError
 
-    page = report_from_files(args.results, inspect_dir=args.inspect, title=args.title)
-    out = Path(args.out) if args.out else Path(args.results).parent / "report.html"
+    results = Path(args.results)
+    out = check_writable(Path(args.out) if args.out else results.parent / "report.html", directory=False)
+    if out.exists() and results.exists() and out.samefile(results):
+        raise ConfigError(f"--out {out} is the results file; a report never overwrites what it reads")
+    page = report_from_files(results, inspect_dir=args.inspect, title=args.title)
     write_report(page, out)
     print(f"report: {out} ({len(page) // 1024} KiB); open it in a browser")
     return 0

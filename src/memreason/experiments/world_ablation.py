@@ -244,14 +244,14 @@ def judge_split(judge, split_dir: Path) -> dict:
     ok = [v for v in verdicts if v["status"] == OK]
     memory_steps = true_steps = 0
     for row in rows:
-        if row["steps"]:
+        if row.steps:
             checks = judge.check_steps(row)
             memory_steps += sum(c.type == "memory" for c in checks)
             true_steps += sum(c.type == "memory" and c.ok for c in checks)
-    return {"n": len(rows), "correct": sum(r["outcome"] == "correct" for r in rows),
+    return {"n": len(rows), "correct": sum(r.outcome == "correct" for r in rows),
             "memory_errors": sum(v["source"] == "memory" for v in ok),
             "reason_errors": sum(v["source"] == "reason" for v in ok),
-            "unjudged": len(verdicts) - len(ok), "unparseable": sum(r["outcome"] == "unparseable" for r in rows),
+            "unjudged": len(verdicts) - len(ok), "unparseable": sum(r.outcome == "unparseable" for r in rows),
             "memory_steps": memory_steps, "true_memory_steps": true_steps}
 
 

@@ -13,6 +13,12 @@ Styles (``TokenScheme.style``):
 Markers are written back to back (``<prefix_0><prefix_1><memory_0> text``) so each costs exactly one token;
 the paper separates them with spaces, which costs a space token per marker in byte-level vocabularies.
 New tokens are plain (non-special) added tokens, so decoding with ``skip_special_tokens=True`` keeps them.
+
+The marker grammar lives here and nowhere else. ``spans`` cuts generated text into character spans (a
+*marker run* of markers separated only by spaces/tabs announces a span, which runs to the next run; text
+with no marker is cut into lines); ``parse`` is built from those spans, and attention analysis colours
+tokens by the same spans, so the two can never disagree. ``has_marker`` / ``count_markers`` answer the
+other questions the rest of memreason asks about markers.
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ Style = Literal["paper", "compact", "plain", "direct"]
 STYLES = ("paper", "compact", "plain", "direct")
 _GROUPS = ("prefix", MEMORY, REASON, "answer")
 
+# One marker: a group name and, in the paper style, an index (``<memory_2>``; compact: ``<memory>``).
 _MARKER = re.compile(r"<(prefix|memory|reason|answer)(?:_(\d+))?>")
+# A run of markers announcing one span; spaces/tabs between (and before) markers belong to the run.
 _MARKER_RUN = re.compile(r"(?:[ \t]*<(?:prefix|memory|reason|answer)(?:_\d+)?>)+")
+ANSWER = "answer"
+SPAN_KINDS = (MEMORY, REASON, UNLABELLED, ANSWER)
 
 
 @dataclass(frozen=True)
@@ -106,58 +116,127 @@ def format_target(trace: Trace, scheme: TokenScheme) -> str:
     """
     if trace.answer is None:
         raise ValueError("cannot format a trace without an answer")
-    lines = []
-    if scheme.style != "direct":
-        for step in trace.steps:
-            if _MARKER.search(step.text):
-                raise ValueError(f"step text contains a control token: {step.text[:60]!r}")
-            if step.kind == UNLABELLED and scheme.labels_steps:
-                raise ValueError("a step without a kind cannot be formatted with a scheme that labels steps")
-            text = " ".join(step.text.split("\n"))
-            marker = scheme.marker(step.kind) if step.kind != UNLABELLED else scheme.marker("prefix")
-            lines.append(f"{marker} {text}" if marker else text)
+    lines = [format_step(step, scheme) for step in trace.steps] if scheme.style != "direct" else []
     answer_marker = scheme.marker("answer")
     answer = f"{ANSWER_MARKER} {trace.answer}"
     lines.append(f"{answer_marker} {answer}" if answer_marker else answer)
     return "\n".join(lines)
 
 
-def _kind_of(markers: str) -> str | None:
-    """The kind named by a run of markers: ``memory``, ``reason``, ``answer`` or None (prefix only)."""
-    kinds = {m.group(1) for m in _MARKER.finditer(markers)} - {"prefix"}
+def format_step(step: Step, scheme: TokenScheme) -> str:
+    """One step as ``format_target`` writes it (its markers, then its text on one line; no newline).
+
+    Raises:
+        ValueError: the step text contains a control token, or an unlabelled step in a labelling scheme.
+    """
+    if has_marker(step.text):
+        raise ValueError(f"step text contains a control token: {step.text[:60]!r}")
+    if step.kind == UNLABELLED and scheme.labels_steps:
+        raise ValueError("a step without a kind cannot be formatted with a scheme that labels steps")
+    text = " ".join(step.text.split("\n"))
+    marker = scheme.marker(step.kind) if step.kind != UNLABELLED else scheme.marker("prefix")
+    return f"{marker} {text}" if marker else text
+
+
+def has_marker(text: str) -> bool:
+    """Whether ``text`` holds a control marker of any scheme (``<memory>``, ``<reason_3>``, ...)."""
+    return _MARKER.search(text) is not None
+
+
+def count_markers(text: str) -> int:
+    """How many control markers ``text`` holds (each costs one token in every scheme)."""
+    return len(_MARKER.findall(text))
+
+
+@dataclass(frozen=True)
+class Span:
+    """One span of generated text: a marker run (possibly empty) and the text it announces.
+
+    Args:
+        kind (str): ``memory``, ``reason``, ``step`` (unlabelled) or ``answer`` (the answer line).
+        start (int), end (int): the span's characters, ``text[start:end]``, marker run included.
+        marker_end (int): where the marker run ends and the span's body begins (``start`` without markers).
+    """
+
+    kind: str
+    start: int
+    end: int
+    marker_end: int
+
+    def body(self, text: str) -> str:
+        """The span's text without its markers and surrounding whitespace."""
+        return text[self.marker_end:self.end].strip()
+
+
+def _run_kind(run: str, is_last: bool, body: str) -> str:
+    """The kind a marker run announces: its one non-prefix group; a prefix-only run is the answer when it
+    is the last run and its text holds the answer phrase; anything else (prefix only, or mixed kinds in
+    one run) is an unlabelled step: we do not guess."""
+    kinds = {m.group(1) for m in _MARKER.finditer(run)} - {"prefix"}
     if len(kinds) == 1:
         return kinds.pop()
-    return None if not kinds else UNLABELLED  # mixed kinds in one run: do not guess
+    if not kinds and is_last and ANSWER_MARKER in body:
+        return ANSWER
+    return UNLABELLED
+
+
+def _line_spans(text: str) -> list[Span]:
+    """Spans of text without markers: one per line (``\\n`` ends a line and belongs to it); a blank line
+    joins the span before it; a line holding the answer phrase is the answer."""
+    result: list[Span] = []
+    position = 0
+    for line in text.split("\n"):
+        end = min(position + len(line) + 1, len(text))  # the newline, except after the last line
+        if not line.strip() and result:
+            previous = result[-1]
+            result[-1] = Span(previous.kind, previous.start, end, previous.start)
+        elif end > position:
+            result.append(Span(ANSWER if ANSWER_MARKER in line else UNLABELLED, position, end, position))
+        position = end
+    return result
+
+
+def spans(text: str) -> list[Span]:
+    """Cut generated text into spans (the module docstring gives the grammar).
+
+    Text before the first marker run is an unlabelled span; each run starts a span that ends where the
+    next run starts. The spans are contiguous and cover ``text`` exactly, from 0 to ``len(text)``.
+
+    Args:
+        text (str): generated text with its markers (``Result.raw``).
+
+    Returns:
+        list[Span]: in text order (empty for empty text).
+    """
+    runs = list(_MARKER_RUN.finditer(text))
+    if not runs:
+        return _line_spans(text)
+    result: list[Span] = []
+    if runs[0].start() > 0:
+        result.append(Span(UNLABELLED, 0, runs[0].start(), 0))
+    for i, run in enumerate(runs):
+        end = runs[i + 1].start() if i + 1 < len(runs) else len(text)
+        result.append(Span(_run_kind(run.group(0), i == len(runs) - 1, text[run.end():end]), run.start(), end,
+                           run.end()))
+    return result
 
 
 def parse(text: str, *, question: str = "", answer: str | None = None) -> Trace:
-    """Split generated text into a Trace (the inverse of ``format_target``).
+    """Split generated text into a Trace (the inverse of ``format_target``), one step per ``spans`` span.
 
-    Text before the first marker, and every segment without a kind marker, becomes an unlabelled step.
-    The answer segment (or the last line holding ``The answer is:``) is not a step. ``answer`` is the
-    already extracted answer (see ``Task.extract``); parsing never guesses one.
+    The answer span is not a step; a memory or reason span is a step even when its text is empty (the
+    model announced one); an unlabelled span is a step only when it holds text. ``answer`` is the already
+    extracted answer (see ``Task.extract``); parsing never guesses one.
     """
-    steps: list[Step] = []
-    runs = list(_MARKER_RUN.finditer(text))
-    if not runs:
-        # plain / direct: one step per line; the answer line is not a step
-        for line in text.split("\n"):
-            line = line.strip()
-            if line and ANSWER_MARKER not in line:
-                steps.append(Step(UNLABELLED, line))
-        return Trace(question=question, steps=tuple(steps), answer=answer)
-    head = text[:runs[0].start()].strip()
-    if head:
-        steps.append(Step(UNLABELLED, head))
-    for i, run in enumerate(runs):
-        end = runs[i + 1].start() if i + 1 < len(runs) else len(text)
-        body = text[run.end():end].strip()
-        kind = _kind_of(run.group(0))
-        if kind == "answer" or (kind is None and ANSWER_MARKER in body and i == len(runs) - 1):
-            continue
-        if body or kind in (MEMORY, REASON):
-            steps.append(Step(kind if kind in (MEMORY, REASON) else UNLABELLED, body))
-    return Trace(question=question, steps=tuple(steps), answer=answer)
+    steps = tuple(Step(span.kind, span.body(text)) for span in step_spans(text))
+    return Trace(question=question, steps=steps, answer=answer)
+
+
+def step_spans(text: str) -> list[Span]:
+    """The spans ``parse`` turns into steps, in order: ``step_spans(text)[i]`` is where step ``i`` of
+    ``parse(text)`` lies in ``text`` (revision and step confidences locate steps through this)."""
+    return [span for span in spans(text)
+            if span.kind in (MEMORY, REASON) or (span.kind == UNLABELLED and span.body(text))]
 
 
 def add_scheme_tokens(model, tokenizer, scheme: TokenScheme) -> list[int]:
