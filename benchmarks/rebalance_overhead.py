@@ -38,7 +38,9 @@ def main() -> None:
     import torch
     from transformers import DynamicCache
 
-    from memreason.interventions import rebalance_eval as rbe
+    from memreason.data.mmlu import bundled_sample_path, load_mmlu, select_questions
+    from memreason.experiments.rebalance_mmlu import build_prompt
+    from memreason.generate import encode_prompts, left_pad, pad_id
     from memreason.interventions.attention_rebalance import rebalance
     from memreason.model import load
 
@@ -46,10 +48,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     device = next(model.parameters()).device
-    questions = rbe.select_questions(rbe.load_mmlu(rbe.bundled_sample_path()), args.prompts)
-    prompts = [rbe.encode_prompt(tokenizer, rbe.build_prompt(q, "cot", "raw"), "raw") for q in questions]
+    questions = select_questions(load_mmlu(bundled_sample_path()), args.prompts)
+    prompts = encode_prompts(tokenizer, [build_prompt(q, "cot", "raw", tokenizer) for q in questions])
     batches = [prompts[i: i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    pad_id = rbe.pad_id_of(tokenizer)
+    pad = pad_id(tokenizer)
     stock = model.config._attn_implementation
 
     def sync():
@@ -58,7 +60,8 @@ def main() -> None:
 
     def decode(batch, new_tokens):
         """Greedy decode; returns (wall seconds, process CPU seconds) of the decode steps, and the ids."""
-        ids, mask, positions = rbe.left_pad(batch, pad_id, device)
+        padded = left_pad(batch, pad, device)
+        ids, mask, positions = padded["input_ids"], padded["attention_mask"], padded["position_ids"]
         cache = DynamicCache(config=model.config)
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

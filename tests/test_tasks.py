@@ -95,3 +95,28 @@ def test_registering_a_taken_name_raises():
 def test_plain_prompt_does_not_double_the_question_prefix():
     assert SQA.plain_prompt("Is it?") == "Question: Is it?\n"
     assert CSQA.plain_prompt("Question: Where? Options: A.x ") == "Question: Where? Options: A.x\n"
+
+
+# MMLU (registered for memreason.experiments.rebalance_mmlu and `memreason eval --task mmlu`)
+MMLU = get_task("mmlu")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("A is wrong because ... B fits.\nThe answer is: B", "B"),
+    ("The answer is: A\nOn reflection... The answer is: C. Paris", "C"),  # the last answer line counts
+    ("Option A looks right. Answer: A", None),  # no marker: unparseable, never guessed
+    ("The answer is: E", None),  # outside A-D
+    ("The answer is: a", None),  # the article, not option A
+    ("The answer is D.", None),
+])
+def test_strict_parser_reads_only_the_last_answer_line(text, expected):
+    assert MMLU.extract(text) == expected
+
+
+def test_mmlu_answers_are_the_four_letters_and_score_strictly():
+    assert MMLU.answer_space() == ("A", "B", "C", "D")
+    assert MMLU.answer_space("Which?\nA. x\nB. y\nC. z\nD. w") == ("A", "B", "C", "D")
+    assert MMLU.score("The answer is: C", "C") == CORRECT
+    assert MMLU.score("The answer is: B", "C") == WRONG
+    assert MMLU.score("C", "C") == UNPARSEABLE
+    assert "mmlu" in task_names()

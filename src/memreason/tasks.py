@@ -208,6 +208,16 @@ register_task(Task(
     description="TruthfulQA MC1 framed as lettered multiple choice with options inline (up to 13, A-M).",
 ))
 register_task(Task(
+    name="mmlu",
+    answer_type="letter",
+    max_letter="D",
+    instruction=("Think it through step by step, then give your final answer on a last line of the form "
+                 f"'{ANSWER_MARKER} X', where X is A, B, C or D."),
+    description=("MMLU (Hendrycks et al. 2021), four options A-D, zero-shot (data: memreason.data.mmlu). "
+                 "Strict answer-line parsing instead of the rebalancing paper's regex cascade with fuzzy "
+                 "fallback and manual checking (spec attention_rebalance.md §3.2)."),
+))
+register_task(Task(
     name="freeform",
     answer_type="free",
     instruction=f"Answer the question. {_STEPWISE}, where X is a short answer.",

@@ -218,6 +218,28 @@ def test_left_padded_batch_gives_each_sequence_its_unpadded_logits(model, mode):
     torch.testing.assert_close(batched[1, 8:], alone_short[0], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["mask", "random-mask"])
+def test_right_padding_rows_are_left_out_of_the_mask_and_the_diagnostics(model, mode):
+    # continuation_logprobs pads on the right: a padding row may see every real key before it, but it is
+    # not a query, so it must not enter the mask, the density or the added mass.
+    gen = torch.Generator().manual_seed(3)
+    long, short = torch.randint(3, VOCAB, (1, 30), generator=gen), torch.randint(3, VOCAB, (1, 22), generator=gen)
+    batch = torch.cat([long, torch.cat([short, torch.zeros(1, 8, dtype=torch.long)], 1)])
+    mask = torch.cat([torch.ones(1, 30), torch.cat([torch.ones(1, 22), torch.zeros(1, 8)], 1)]).long()
+    with torch.no_grad(), rebalance(model, alpha=0.5, mode=mode, diagnostics=True) as rb:
+        batched = model(batch, attention_mask=mask).logits
+        model(short)
+    padded, alone = rb.records
+    assert padded.row_allowed[1, 22:].sum() == 0 and padded.row_keys[1, :, 22:].sum() == 0
+    assert torch.equal(padded.row_allowed[1, :22], alone.row_allowed[0])
+    assert torch.equal(padded.row_keys[1, :, :22], alone.row_keys[0])
+    assert alone.total_added[:, 0].sum() > 0
+    torch.testing.assert_close(padded.total_added[:, 1], alone.total_added[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.first_added[:, 1], alone.first_added[:, 0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), rebalance(model, alpha=0.5, mode=mode):
+        torch.testing.assert_close(batched[1, :22], model(short).logits[0], atol=1e-4, rtol=1e-5)
+
+
 def test_boost_all_equals_scaling_each_layers_attention_output(model, ids):
     gains = layer_gains(3, 0.5)
     handles = [model.model.layers[layer].self_attn.o_proj.register_forward_hook(

@@ -14,6 +14,8 @@ Semantics (spec §2.2, §2.3):
   removed (key == query position, which is the diagonal at prefill and the new token's own column at a
   decode step). Keys the causal/padding mask hides are never in ``M``.
 * Head h of layer 0 guides head h of every later layer (query-head axis, so GQA models work unchanged).
+* Padding rows (a query whose own key is hidden: every row of left padding's prefix, the tail rows of
+  right padding) are never in ``M`` and never counted by the diagnostics.
 * ``mode="mask"``: ``P_l <- where(M, c_l * P_l, P_l)``, no renormalisation (the original's behaviour).
   ``"boost-all"``: ``P_l <- c_l * P_l`` (the original's ``boosting_self`` flag, and what its first public
   commit effectively ran with alpha = 0.5; identical to scaling layer l's attention output by c_l, §2.5).
@@ -31,10 +33,12 @@ registration an unknown implementation name gets ``attention_mask=None``, i.e. n
 ecosystem.md §3.2); nothing in transformers is patched. ``rebalance`` switches the model to it for the
 duration of the ``with`` block and restores the previous implementation exactly, also on exception.
 
-It refuses to run silently wrong: it checks the switch took effect, counts the layers that ran through it
-on every forward (another backend, set inside the block or by an architecture that bypasses the attention
-interface, raises instead of returning unmodified outputs), refuses nesting on the same model, attention
-variants it does not reproduce (logit soft-capping, sink logits) and caches that drop keys (sliding windows).
+The decoder layers, their attention modules and the stack that runs them come from the one layer table,
+``memreason.model.layers.layout``. It refuses to run silently wrong: it checks the switch took effect,
+counts the layers that ran through it on every forward (another backend, set inside the block or by an
+architecture that bypasses the attention interface, raises instead of returning unmodified outputs),
+refuses nesting on the same model, attention variants it does not reproduce (logit soft-capping, sink
+logits) and caches that drop keys (sliding windows).
 """
 
 from __future__ import annotations
@@ -49,8 +53,10 @@ from typing import Iterator, Literal
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import repeat_kv  # eager attention's own GQA expansion
 
 from memreason.errors import ConfigError
+from memreason.model.layers import layout
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +71,6 @@ Mode = Literal["mask", "boost-all", "random-mask", "renormalised"]
 _SESSIONS: "weakref.WeakKeyDictionary[nn.Module, Rebalancing]" = weakref.WeakKeyDictionary()
 # kwargs of other models' eager attention that change the maths; we do not reproduce them, so refuse.
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
-_ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
 _MASK31 = (1 << 31) - 1
 
 
@@ -242,6 +247,11 @@ class Rebalancing:
         # decode step (the original's two special cases), and right for chunked prefill too.
         key_index = torch.arange(k_len, device=device)
         query_index = torch.arange(past, past + q_len, device=device)
+        # A row whose own key is hidden is a padding row. Left padding hides every key of such a row anyway;
+        # right padding (``generate.continuation_logprobs``) leaves it the real keys before it, so without
+        # this its meaningless "attention" would enter the mask, the diagnostics and the added mass.
+        own = attendable.gather(-1, query_index[None, None, :, None].expand(attendable.shape[0], 1, q_len, 1))
+        attendable = attendable & own  # [batch|1, 1, q_pos, k_pos]
         allowed = attendable & (key_index[None, :] != query_index[:, None])  # [batch|1, 1, q_pos, k_pos]
         self._attendable = attendable
         mode = self.config.mode
@@ -318,15 +328,6 @@ def _hash31(seed: int, head, query_pos, key_pos) -> torch.Tensor:
     return _mix31(x ^ (key_pos.long() & _MASK31))
 
 
-def _repeat_kv(states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """``[batch, kv_head, pos, dim]`` → ``[batch, kv_head * n_rep, pos, dim]`` (each KV head repeated
-    n_rep times in a row, the grouping every HF GQA model uses)."""
-    if n_rep == 1:
-        return states
-    batch, kv_heads, length, dim = states.shape
-    return states[:, :, None].expand(batch, kv_heads, n_rep, length, dim).reshape(batch, kv_heads * n_rep, length, dim)
-
-
 def rebalanced_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
     """Eager attention with the rebalancing step; the function registered as ``ATTENTION_NAME``.
@@ -359,8 +360,8 @@ def rebalanced_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
         raise ConfigError(f"this model's attention uses {', '.join(unsupported)}, which rebalanced (eager) "
                           "attention does not implement")
     n_rep = query.shape[1] // key.shape[1]
-    key_states = _repeat_kv(key, n_rep)
-    value_states = _repeat_kv(value, n_rep)
+    key_states = repeat_kv(key, n_rep)  # [batch, head, k_pos, dim]
+    value_states = repeat_kv(value, n_rep)
 
     attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling  # [batch, head, q_pos, k_pos]
     if attention_mask is not None:
@@ -388,34 +389,24 @@ def _implementation(module) -> str | None:
 
 
 def _attention_modules(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
-    """The attention modules (ordered by ``layer_idx``) and the decoder stack that runs them.
+    """The attention modules (layer 0 first) and the decoder stack that runs them, from the layer table
+    ``memreason.model.layers``.
 
     Raises:
-        ConfigError: no attention modules, duplicate or missing layer indices, or no common stack.
+        ConfigError: the layer table finds no decoder layers, or their ``layer_idx`` are not 0..L-1.
     """
-    found = [(name, module) for name, module in model.named_modules()
-             if name.rsplit(".", 1)[-1] in _ATTENTION_NAMES and isinstance(getattr(module, "layer_idx", None), int)]
-    if not found:
-        raise ConfigError(f"no attention modules with a layer index found in {type(model).__name__}; rebalancing "
-                          "supports decoder-only transformers models (Llama, Qwen2, Mistral, ...)")
-    found.sort(key=lambda item: item[1].layer_idx)
-    indices = [module.layer_idx for _, module in found]
-    if indices != list(range(len(found))):
-        raise ConfigError(f"attention layer indices {indices} are not 0..{len(found) - 1}; encoder-decoder and "
-                          "cross-attention models are not supported")
-    # The decoder stack is the module that owns the layer list: the common prefix of the attention
-    # modules' names, minus the ModuleList itself (``model.layers.3.self_attn`` → ``model``).
-    parts = [name.split(".") for name, _ in found]
-    common = []
-    for segment in zip(*parts):
-        if len(set(segment)) != 1:
-            break
-        common.append(segment[0])
-    stack = model.get_submodule(".".join(common)) if common else model
-    while isinstance(stack, nn.ModuleList) and common:
-        common.pop()
-        stack = model.get_submodule(".".join(common)) if common else model
-    return [module for _, module in found], stack
+    try:
+        lay = layout(model)
+    except ConfigError as exc:
+        raise ConfigError(f"no attention modules found in {type(model).__name__} ({exc}); rebalancing supports "
+                          "decoder-only transformers models (Llama, Qwen2, Mistral, ...)") from None
+    attention = [lay.attention(index) for index in range(lay.num_layers)]
+    indices = [getattr(module, "layer_idx", None) for module in attention]
+    if indices != list(range(len(attention))):
+        # The attention function tells layers apart by ``layer_idx`` (layer 0 builds the mask).
+        raise ConfigError(f"attention layer indices {indices} are not 0..{len(attention) - 1}; rebalancing needs "
+                          "decoder layers whose attention knows its layer index")
+    return attention, lay.body
 
 
 def _activation_checkpointing(model: nn.Module) -> bool:
@@ -466,7 +457,13 @@ def rebalance(model: nn.Module, alpha: float = 0.2, theta: float = 0.01, depth_h
             ambiguous); gradient checkpointing in training mode (recomputed layers would run out of order).
     """
     config = RebalanceConfig(alpha=alpha, theta=theta, depth_h=depth_h, mode=mode, seed=seed)
-    attention, stack = _attention_modules(model)
+    try:
+        attention, stack = _attention_modules(model)
+    except ConfigError as exc:
+        if hasattr(model, "set_attn_implementation"):
+            raise
+        raise ConfigError(f"{type(model).__name__} cannot switch its attention implementation (not a "
+                          f"transformers PreTrainedModel), and {exc}") from None
     if any(module in _SESSIONS for module in attention) or _implementation(attention[0]) == ATTENTION_NAME:
         raise ConfigError("this model is already inside rebalance(...); nested rebalancing is not supported, "
                           "exit the outer block first")

@@ -1,0 +1,1 @@
+"""Experiments: each a settings dataclass + run(); mechanisms live in interventions/."""
