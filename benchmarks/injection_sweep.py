@@ -24,8 +24,9 @@ import time
 import numpy as np
 import torch
 
-from memreason.interventions.injection_sweep import (SweepConfig, answer_token, load_prompts, measure_grid, run_sweep,
-                                                     split_items, summarise)
+from memreason.data.two_hop import answer_token, load_prompts
+from memreason.experiments.injection_grid import measure_grid, split_items
+from memreason.experiments.injection_sweep import SweepConfig, run_sweep, summarise
 from memreason.interventions.memory_injection import inject, left_padded_batch, residual_norms
 from memreason.model import load
 

@@ -1,27 +1,24 @@
-"""Tests for memreason.interventions.memory_injection (and the plumbing in hooks.py it stands on).
+"""Tests for memreason.interventions.memory_injection (and the hooks.py / model.layers plumbing it stands on).
 
-Unit tests use tiny random models of each supported family with a byte-level BPE tokenizer trained here on a
-few sentences; the ``smollm2`` tests use the real embedded model.
+Unit tests use tiny random models of each family in the layer table, and of families found by layout
+detection (``tests/tiny_families.py``), with a byte-level BPE tokenizer trained here on a few sentences; the
+``smollm2`` tests use the real embedded model.
 """
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+from conftest import build_tiny_model
+from tiny_families import DETECTED_FAMILIES, TABLE_FAMILIES, build_family
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
 from memreason.errors import ConfigError
 from memreason.interventions import hooks
+from memreason.model.layers import layout
 from memreason.interventions.memory_injection import (
     CALIBRATION_TEXTS,
     add_to_attention_output,
@@ -62,35 +59,28 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2)
-
-
 def build(kind: str, vocab: int, **extra):
-    torch.manual_seed(0)
+    """A 3-layer random model (conftest's tiny Llama, or another family's tiny config) that never stops early."""
     if kind == "llama":
-        config = LlamaConfig(vocab_size=vocab, **SMALL, **extra)
-    elif kind == "mistral":
-        config = MistralConfig(vocab_size=vocab, **SMALL, **extra)
-    elif kind == "qwen2":
-        config = Qwen2Config(vocab_size=vocab, **SMALL, **extra)
-    elif kind == "qwen3":
-        config = Qwen3Config(vocab_size=vocab, head_dim=16, **SMALL, **extra)
-    elif kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=64, **extra)
+        model = build_tiny_model(vocab, layers=3, tie=extra.pop("tie_word_embeddings", True))
     else:
-        raise ValueError(kind)
-    model = AutoModelForCausalLM.from_config(config).eval()
+        model = build_family(kind, vocab, layers=3, **extra)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # never stop early: compare full-length generations
     return model
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+FAMILIES = TABLE_FAMILIES
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request, tokenizer):
+    return build(request.param, len(tokenizer))
+
+
+@pytest.fixture(scope="module", params=DETECTED_FAMILIES)
+def detected(request, tokenizer):
+    """A family that is not in the layer table: its layout is found by detection."""
     return build(request.param, len(tokenizer))
 
 
@@ -182,7 +172,7 @@ def test_injection_equals_adding_to_output_projection(kind, tokenizer):
         ours = all_logits(model, batch)
     with hooks.scoped_hooks() as scope:  # independent: add 2v to o_proj / c_proj output at real tokens
         mask = batch["attention_mask"].bool()
-        scope.add_forward_hook(hooks.attention_output_projection(model, 1),
+        scope.add_forward_hook(layout(model).attention_output(1),
                                lambda m, a, out: out + 2.0 * vec * mask[..., None])
         reference = all_logits(model, batch)
     assert torch.equal(ours, reference)
@@ -195,7 +185,7 @@ def test_injection_equals_adding_to_residual_after_attention(kind, tokenizer):
     model = build(kind, len(tokenizer))
     layer, vec = 1, torch.randn(64) * 3
     batch = single(tokenizer, PROMPTS[0])
-    block = hooks.decoder_layers(model)[layer]
+    block = layout(model).layers[layer]
     seen = {}
 
     def keep_input(module, args, kwargs):
@@ -206,7 +196,7 @@ def test_injection_equals_adding_to_residual_after_attention(kind, tokenizer):
 
     with hooks.scoped_hooks() as scope, torch.no_grad():
         scope.add_forward_pre_hook(block, keep_input, with_kwargs=True)
-        scope.add_forward_hook(hooks.attention_module(model, layer), keep_attention)
+        scope.add_forward_hook(layout(model).attention(layer), keep_attention)
         model(**batch)
     with torch.no_grad():
         mid = seen["h"] + seen["attn"] + vec  # residual stream right after attention, plus v
@@ -345,7 +335,7 @@ def test_embed_equals_unembed_for_tied_embeddings(tokenizer):
 @pytest.mark.parametrize("kind,centered", [("llama", False), ("gpt2", True)])
 def test_centered_unembed_folds_gain_and_centres_like_transformerlens(kind, centered, tokenizer):
     model = build(kind, len(tokenizer))
-    norm = hooks.final_norm(model)
+    norm = layout(model).final_norm
     with torch.no_grad():
         norm.weight.copy_(torch.rand(64) + 0.5)  # a non-trivial gain, so folding matters
     unembed = model.get_output_embeddings().weight.detach()
@@ -366,7 +356,7 @@ def test_layer_encoder_is_attention_output_at_last_memory_token(llama, tokenizer
         seen["a"] = output[0]
 
     with hooks.scoped_hooks() as scope, torch.no_grad():
-        scope.add_forward_hook(hooks.attention_module(llama, 2), keep)
+        scope.add_forward_hook(layout(llama).attention(2), keep)
         llama(**single(tokenizer, "Eiffel Tower"))
     torch.testing.assert_close(memory_vector(llama, tokenizer, "Eiffel Tower", encoder="layer", layer=2),
                                seen["a"][0, -1], atol=1e-6, rtol=1e-6)
@@ -436,12 +426,63 @@ def test_memory_text_without_tokenizer_is_refused(llama):
             pass
 
 
-def test_unsupported_architecture_is_refused(tokenizer):
-    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                                     ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32))
-    with pytest.raises(ConfigError, match="unsupported architecture 'opt'"):
-        with inject(opt, vector=torch.zeros(32), layer=0):
+def test_architecture_without_a_decoder_layout_is_refused(tokenizer):
+    # Before issue #15 every model type outside the table was refused (OPT included); now only a model with no
+    # decoder-only layout is: an encoder such as BERT, whose layers would otherwise be found.
+    bert = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64)).eval()
+    count = hooks.hook_count(bert)
+    with pytest.raises(ConfigError, match="'bert'.* is not a decoder-only causal LM"):
+        with inject(bert, vector=torch.zeros(32), layer=0):
             pass
+    assert hooks.hook_count(bert) == count
+
+
+# ------------------------------------------------------------------ families found by layout detection (#15)
+
+def test_detected_family_injects_and_restores_exactly(detected, tokenizer):
+    batch = left_padded_batch(tokenizer, PROMPTS)
+    count = hooks.hook_count(detected)
+    before = all_logits(detected, batch)
+    with inject(detected, tokenizer, memory="France", layer=1, tau=0.0):
+        assert torch.equal(all_logits(detected, batch), before)
+    with inject(detected, tokenizer, memory="France", layer=1, tau=4.0):
+        during = all_logits(detected, batch)
+    assert not torch.allclose(before, during)
+    assert torch.equal(all_logits(detected, batch), before)
+    assert hooks.hook_count(detected) == count
+
+
+def test_detected_family_injection_equals_adding_to_output_projection(detected, tokenizer):
+    vec = torch.randn(64)
+    batch = left_padded_batch(tokenizer, PROMPTS)
+    with inject(detected, vector=vec, layer=1, tau=2.0):
+        ours = all_logits(detected, batch)
+    with hooks.scoped_hooks() as scope:
+        mask = batch["attention_mask"].bool()
+        scope.add_forward_hook(layout(detected).attention_output(1),
+                               lambda m, a, out: out + 2.0 * vec * mask[..., None])
+        reference = all_logits(detected, batch)
+    assert torch.equal(ours, reference)
+
+
+def test_detected_family_batched_left_padded_equals_unbatched(detected, tokenizer):
+    vec = torch.randn(64) * 3
+    with inject(detected, vector=vec, layer=1, positions="last"):
+        batched = last_logits(detected, left_padded_batch(tokenizer, PROMPTS))
+        alone = torch.cat([last_logits(detected, single(tokenizer, p)) for p in PROMPTS])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_detection_is_announced_with_a_warning(tokenizer, caplog):
+    from memreason.model import layers
+
+    layers._warned.discard("phi3")
+    model = build("phi3", len(tokenizer))
+    with caplog.at_level(logging.WARNING, logger="memreason.model.layers"):
+        with inject(model, vector=torch.zeros(64), layer=0):
+            pass
+    assert any("'phi3' is not in memreason's layer table" in r.getMessage() for r in caplog.records)
 
 
 def test_cached_decoding_without_its_prompt_is_refused_for_prompt_positions(llama, tokenizer):

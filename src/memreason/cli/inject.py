@@ -3,21 +3,38 @@
 The cell (layer, tau) is chosen on the dev split by the curated memory's mean Δlog p of the first answer
 token, then reported on the test split next to matched controls (another item's memory, random nouns with
 the memory's token count, a random direction of the same norm) with paired bootstrap 95% CIs.
-Outputs in --out: cells.csv (every condition x layer x tau x split), items.csv (per item at the chosen
-cell), summary.json and heatmap.png.
+Outputs in --out: measurements.jsonl (every item at every cell, written as it is measured), cells.csv
+(every condition x layer x tau x split), items.csv (per item at the chosen cell), summary.json and
+heatmap.png. Rerunning the same command resumes an interrupted sweep.
+
+Settings come from ``SweepConfig`` (memreason.experiments.injection_sweep), where every default is written:
+``--config FILE`` (YAML, e.g. configs/inject/sweep.yaml), then the flags below, then ``key=value``
+overrides (``taus=[0.1,0.2] seed=3``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 
 EXAMPLES = """examples:
   memreason inject sweep
+  memreason inject sweep --config configs/inject/sweep.yaml limit=8 taus=[0.1,0.4]
   memreason inject sweep --prompts my_prompts.csv --layers 0:30:2 --taus 0.05,0.1,0.2,0.4 --out runs/mi
   memreason inject sweep --tau-mode absolute --taus 1,2,3,4 --encoder unembed-centered \
       --controls shuffled,pos,random,answer
 """
+
+
+def _default(key: str):
+    from memreason.experiments.injection_sweep import SweepConfig
+
+    value = next(f.default for f in dataclasses.fields(SweepConfig) if f.name == key)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) if value else "none"
+    return "the embedded SmolLM2" if key == "model" and value is None else value
 
 
 def register(subparsers) -> None:
@@ -28,32 +45,37 @@ def register(subparsers) -> None:
     sweep = actions.add_parser("sweep", help="layer x tau sweep with dev/test selection and matched controls",
                                description=__doc__, epilog=EXAMPLES,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sweep.add_argument("--prompts", default=None,
-                       help="CSV with explicit_sentence, obscure_sentence, explicit_entity, answer "
-                            "(obscure_entity optional); default: the bundled two-hop set")
-    sweep.add_argument("--model", default=None, help="model dir, .gguf file or hub id (default: embedded SmolLM2)")
-    sweep.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: auto)")
-    sweep.add_argument("--layers", default=None,
-                       help="comma list and/or START:STOP[:STEP] ranges, e.g. '0,4,8' or '0:30:3' "
-                            "(default: about 10 evenly spaced layers)")
-    sweep.add_argument("--taus", default=None,
-                       help="comma list of strengths (default: 0.05,0.1,0.2,0.4 of the residual norm)")
-    sweep.add_argument("--tau-mode", choices=("relative", "absolute"), default="relative",
+    # Every flag defaults to None ("not given"): the defaults live once, on SweepConfig.
+    sweep.add_argument("--config", default=None, metavar="FILE", help="YAML file of SweepConfig keys")
+    sweep.add_argument("--prompts", help="CSV with explicit_sentence, obscure_sentence, explicit_entity, answer "
+                                         "(obscure_entity optional); default: the bundled two-hop set")
+    sweep.add_argument("--model", help=f"model dir, .gguf file or hub id (default: {_default('model')})")
+    sweep.add_argument("--device", help=f"auto, cpu, cuda, cuda:1, ... (default: {_default('device')})")
+    sweep.add_argument("--layers", help="comma list and/or START:STOP[:STEP] ranges, e.g. '0,4,8' or '0:30:3' "
+                                        "(default: about 10 evenly spaced layers)")
+    sweep.add_argument("--taus", help=f"comma list of strengths (default: {_default('taus')})")
+    sweep.add_argument("--tau-mode", choices=("relative", "absolute"),
                        help="relative: |delta| = tau x median residual norm entering the layer; "
-                            "absolute: tau x memory vector, the paper's tweak factor (default: relative)")
-    sweep.add_argument("--positions", default="all",
-                       help="all (the paper), last, or START:STOP over prompt tokens (default: all)")
-    sweep.add_argument("--encoder", default="unembed",
-                       choices=("unembed", "unembed-centered", "embed", "layer"), help="memory encoder")
-    sweep.add_argument("--controls", default="shuffled,pos,random",
-                       help="comma list from shuffled, pos, random, obscure, answer; 'none' for none "
-                            "(default: shuffled,pos,random)")
-    sweep.add_argument("--dev-fraction", type=float, default=0.5, help="share of items for choosing the cell")
-    sweep.add_argument("--seed", type=int, default=0, help="seeds the split, controls and bootstrap")
-    sweep.add_argument("--batch-size", type=int, default=64, help="rows per forward (default: 64)")
-    sweep.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
-    sweep.add_argument("--limit", type=int, default=None, help="use only the first N prompts (quick runs)")
-    sweep.add_argument("--out", default="runs/inject_sweep", help="output directory (default: runs/inject_sweep)")
+                            "absolute: tau x memory vector, the paper's tweak factor "
+                            f"(default: {_default('tau_mode')})")
+    sweep.add_argument("--positions", help="all (the paper), last, or START:STOP over prompt tokens "
+                                           f"(default: {_default('positions')})")
+    sweep.add_argument("--encoder", choices=("unembed", "unembed-centered", "embed", "layer"),
+                       help=f"memory encoder (default: {_default('encoder')})")
+    sweep.add_argument("--controls", help="comma list from shuffled, pos, random, obscure, answer; 'none' for none "
+                                          f"(default: {_default('controls')})")
+    sweep.add_argument("--dev-fraction", type=float, help="share of items for choosing the cell "
+                                                          f"(default: {_default('dev_fraction')})")
+    sweep.add_argument("--seed", type=int,
+                       help=f"seeds the split, controls and bootstrap (default: {_default('seed')})")
+    sweep.add_argument("--batch-size", type=int, help=f"rows per forward (default: {_default('batch_size')})")
+    sweep.add_argument("--bootstrap", type=int, help=f"bootstrap resamples (default: {_default('n_bootstrap')})")
+    sweep.add_argument("--limit", type=int, help="use only the first N prompts (quick runs)")
+    sweep.add_argument("--out", help=f"output directory; reruns resume (default: {_default('out')})")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="discard the outputs already in --out instead of resuming them")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="SweepConfig overrides, e.g. taus=[0.1,0.2] positions=last control_pos=verb")
     sweep.set_defaults(func=run)
 
 
@@ -145,36 +167,58 @@ def print_report(result, paths) -> None:
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
 
 
+def parse_controls(text: str) -> tuple[str, ...]:
+    """'shuffled,random' → ('shuffled', 'random'); 'none' → ()."""
+    return () if text.strip() == "none" else tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+# flag attribute -> (SweepConfig key, parser of the flag's text or None when argparse typed it)
+FLAGS = {"prompts": ("prompts", None), "model": ("model", None), "device": ("device", None),
+         "layers": ("layers", parse_layers), "taus": ("taus", lambda t: parse_floats(t, "--taus")),
+         "tau_mode": ("tau_mode", None), "positions": ("positions", parse_positions), "encoder": ("encoder", None),
+         "controls": ("controls", parse_controls), "dev_fraction": ("dev_fraction", None), "seed": ("seed", None),
+         "batch_size": ("batch_size", None), "bootstrap": ("n_bootstrap", None), "limit": ("limit", None),
+         "out": ("out", None)}
+
+
+def flag_overrides(args) -> list[str]:
+    """The flags that were given, as ``key=value`` overrides (applied after --config, before key=value)."""
+    overrides = []
+    for attr, (key, parse) in FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        value = parse(value) if parse is not None else value
+        text = json.dumps(list(value)) if isinstance(value, (list, tuple)) else str(value)
+        overrides.append(f"{key}={text}")
+    return overrides
+
+
+def settings(args):
+    """The ``SweepConfig`` that --config, the flags and the overrides describe (all errors at once)."""
+    from memreason.config import load_settings
+    from memreason.experiments.injection_sweep import SweepConfig
+
+    return load_settings(SweepConfig, args.config, [*flag_overrides(args), *args.overrides])
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
-    from memreason.errors import ConfigError
-    from memreason.interventions.injection_sweep import (DEFAULT_TAUS, SweepConfig, load_prompts, run_sweep,
-                                                         write_outputs)
+    from memreason.experiments.injection_sweep import run as run_sweep
 
-    controls = () if args.controls.strip() == "none" else tuple(
-        c.strip() for c in args.controls.split(",") if c.strip())
-    config = SweepConfig(
-        layers=parse_layers(args.layers) if args.layers else None,
-        taus=parse_floats(args.taus, "--taus") if args.taus else DEFAULT_TAUS,
-        tau_mode=args.tau_mode, positions=parse_positions(args.positions), encoder=args.encoder,
-        controls=controls, dev_fraction=args.dev_fraction, seed=args.seed, batch_size=args.batch_size,
-        n_bootstrap=args.bootstrap)
-    items = load_prompts(args.prompts)  # bad files fail here, before the model loads
-    if args.limit is not None:
-        if args.limit < 4:
-            raise ConfigError("--limit must be at least 4 (2 dev and 2 test items)")
-        items = items[:args.limit]
+    config = settings(args)  # every setting is checked here, and the inputs in run_sweep, before the model loads
+    bars = []  # drawn at the first measured batch, so an input error stays a single line
 
-    from memreason.model import load
+    def progress(done, total):
+        if not bars:
+            bars.append(tqdm(total=total, unit="row", desc="inject sweep", file=sys.stderr))
+        bars[0].update(done - bars[0].n)
 
-    model, tokenizer = load(args.model, device=args.device)
-    with tqdm(total=0, unit="row", desc="inject sweep", file=sys.stderr) as bar:
-        def progress(done, total):
-            bar.total = total
-            bar.update(done - bar.n)
-
-        result = run_sweep(model, tokenizer, items, config, progress=progress)
-    paths = write_outputs(result, args.out)
+    try:
+        result, paths = run_sweep(config, overwrite=args.overwrite, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print_report(result, paths)
     return 0

@@ -15,7 +15,13 @@ This module owns:
   the memory's last token, when the model reads the memory text);
 * the reference residual-stream norm that makes tau relative (``residual_norms``);
 * the hooks: ``add_to_attention_output`` (per-layer, optionally per-row vectors; used by the sweep) and
-  ``inject`` (the user-facing context manager).
+  ``inject`` (the user-facing context manager);
+* ``left_padded_batch``: raw texts as the model reads them here (the tokenizer's default special tokens),
+  padded by ``memreason.generate``.
+
+Modules are found through ``memreason.model.layers.layout``; hooks are scoped by ``interventions.hooks``.
+What "the attention output" is depends on the architecture: on Gemma-2/3 and OLMo-2 a norm follows it
+before the residual add, so there the addition is not a plain residual-stream edit.
 
 Positions are token indices *within each row's prompt*, computed from the attention mask, so they are right
 under left padding and during ``generate`` with a KV cache. ``"all"`` injects at every real token, generated
@@ -33,16 +39,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from memreason.errors import ConfigError
-from memreason.interventions.hooks import (
-    attention_module,
-    body,
-    check_layer,
-    decoder_layers,
-    final_norm,
-    num_layers,
-    scoped_hooks,
-    unwrap,
-)
+from memreason.interventions.hooks import scoped_hooks
+from memreason.model.layers import layout, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +102,12 @@ def memory_token_ids(tokenizer, memory: str, *, leading_space: bool = False) -> 
 def left_padded_batch(tokenizer, texts: Sequence[str], device=None):
     """Tokenise ``texts`` with the tokenizer's default special tokens and pad them on the left.
 
-    Left padding puts every row's last real token at index -1, where next-token logits are read. Position
-    ids count real tokens only (0 at each row's first real token), which GPT-2's absolute positions need and
-    which makes a padded row compute exactly what it computes alone.
+    Default special tokens, not ``generate.encode_prompts``' ``add_special_tokens=False``: these texts are
+    raw sentences (two-hop prompts, memories, calibration text), not prompts already rendered with their
+    BOS/chat framing, so the model should see them as the tokenizer frames plain text (a BOS for Llama-3,
+    nothing for SmolLM2 or GPT-2), as the original experiment did. Padding is ``generate.left_pad`` with
+    ``generate.pad_id``: every row's last real token sits at index -1, where next-token logits are read,
+    and position ids count real tokens only, so a padded row computes what it computes alone.
 
     Args:
         tokenizer: the model's tokenizer (needs a pad token id, or an EOS id to pad with).
@@ -115,22 +116,14 @@ def left_padded_batch(tokenizer, texts: Sequence[str], device=None):
 
     Returns:
         dict: ``input_ids``, ``attention_mask``, ``position_ids``, each ``[batch, pos]`` long tensors.
-    """
-    import torch
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
-    rows = [tokenizer(t)["input_ids"] for t in texts]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "position_ids": position_ids.to(device)}
+    Raises:
+        ConfigError: the tokenizer has neither a pad nor an EOS token.
+    """
+    from memreason.generate import left_pad, pad_id
+
+    pad = pad_id(tokenizer)
+    return left_pad([tokenizer(t)["input_ids"] for t in texts], pad, device)
 
 
 def _model_device(model):
@@ -146,7 +139,7 @@ def memory_vector(model, tokenizer, memory: str, *, encoder: str = "unembed", la
     """Encode one memory text as a d_model vector.
 
     Args:
-        model: a supported causal LM (see ``hooks.FAMILIES``), possibly PEFT-wrapped.
+        model: a supported causal LM (see ``memreason.model.layers``), possibly PEFT-wrapped.
         tokenizer: its tokenizer.
         memory (str): the memory text.
         encoder (str, default "unembed"): one of ``ENCODERS``:
@@ -209,7 +202,7 @@ def _fold_and_center(model, table, sums, counts, center):
     """
     import torch
 
-    norm = final_norm(model)
+    norm = layout(model).final_norm
     gain = getattr(norm, "weight", None)
     gain = torch.ones(sums.shape[-1]) if gain is None else gain.detach().float().cpu()
     if center is None:
@@ -237,7 +230,7 @@ def layer_encoded_vectors(model, tokenizer, memories: Sequence[str], layers: Seq
 
     for m in memories:
         memory_token_ids(tokenizer, m)  # same validation as the other encoders
-    layers = [check_layer(model, layer) for layer in layers]
+    layers = [layout(model).check_layer(layer) for layer in layers]
     batch = left_padded_batch(tokenizer, list(memories), _model_device(model))
     captured: dict[int, torch.Tensor] = {}
 
@@ -249,8 +242,8 @@ def layer_encoded_vectors(model, tokenizer, memories: Sequence[str], layers: Seq
 
     with torch.no_grad(), scoped_hooks() as scope:
         for layer in set(layers):
-            scope.add_forward_hook(attention_module(model, layer), capture(layer))
-        body(model)(**batch)
+            scope.add_forward_hook(layout(model).attention(layer), capture(layer))
+        layout(model).body(**batch)
     return torch.stack([captured[layer] for layer in layers], dim=1)
 
 
@@ -282,11 +275,12 @@ def residual_norms(model, tokenizer, texts: Sequence[str] = CALIBRATION_TEXTS):
             norms[layer] = hidden.detach().float().norm(dim=-1)[real].median().cpu()
         return hook
 
+    lay = layout(model)
     with torch.no_grad(), scoped_hooks() as scope:
-        for layer, module in enumerate(decoder_layers(model)):
+        for layer, module in enumerate(lay.layers):
             scope.add_forward_pre_hook(module, capture(layer), with_kwargs=True)
-        body(model)(**batch)
-    return torch.stack([norms[layer] for layer in range(num_layers(model))])
+        lay.body(**batch)
+    return torch.stack([norms[layer] for layer in range(lay.num_layers)])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -408,13 +402,14 @@ def add_to_attention_output(model, deltas: Mapping[int, object], positions="all"
         ConfigError: bad layer or positions, a vector of the wrong width or batch size.
     """
     positions = check_positions(positions)
+    lay = layout(model)
     hidden = unwrap(model).config.hidden_size
     checked = {}
     for layer, delta in deltas.items():
         if delta.dim() not in (1, 2) or delta.shape[-1] != hidden:
             raise ConfigError(f"vector for layer {layer} has shape {tuple(delta.shape)}; expected "
                               f"[{hidden}] or [batch, {hidden}]")
-        checked[check_layer(model, layer)] = delta
+        checked[lay.check_layer(layer)] = delta
     tracker = _PositionTracker(positions)
 
     def make_hook(delta):
@@ -432,9 +427,9 @@ def add_to_attention_output(model, deltas: Mapping[int, object], positions="all"
         return hook
 
     with scoped_hooks() as scope:
-        scope.add_forward_pre_hook(body(model), tracker.pre_hook, with_kwargs=True)
+        scope.add_forward_pre_hook(lay.body, tracker.pre_hook, with_kwargs=True)
         for layer, delta in checked.items():
-            scope.add_forward_hook(attention_module(model, layer), make_hook(delta))
+            scope.add_forward_hook(lay.attention(layer), make_hook(delta))
         yield
 
 
@@ -500,7 +495,8 @@ def inject(model, tokenizer=None, *, layer: int, memory: str | None = None, vect
             out = model.generate(**batch, max_new_tokens=5)
 
     Args:
-        model: a supported causal LM (Llama/SmolLM2, Mistral, Qwen2/3, GPT-2), possibly PEFT-wrapped.
+        model: a causal LM whose layout ``memreason.model.layers`` knows (Llama/SmolLM2, Mistral, Qwen2/3,
+            GPT-2) or detects (other Llama-shaped decoders, with a warning), possibly PEFT-wrapped.
         tokenizer: needed to encode ``memory`` and for relative tau without ``reference_norm``.
         layer (int): 0-based layer (negative counts from the end).
         memory (str | None): memory text; give exactly one of ``memory`` and ``vector``.
@@ -525,7 +521,7 @@ def inject(model, tokenizer=None, *, layer: int, memory: str | None = None, vect
     """
     import torch
 
-    layer = check_layer(model, layer)
+    layer = layout(model).check_layer(layer)
     positions = check_positions(positions)
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
         raise ConfigError(f"tau must be a finite number, got {tau!r}")

@@ -1,40 +1,48 @@
-"""Tests for memreason.interventions.injection_sweep: data loading, statistics, controls, and that the batched,
-resumed sweep measures exactly what the ``inject`` context manager does one prompt at a time."""
+"""Tests for memreason.experiments.injection_sweep and .injection_grid (with the prompt files of
+memreason.data.two_hop they read): data loading, statistics, controls, that the batched, resumed sweep measures
+exactly what the ``inject`` context manager does one prompt at a time (on the table's families and on detected
+ones), and that a sweep killed with SIGKILL resumes to the same outputs."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_model
+from tiny_families import build_family
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from memreason.config import load_settings
+from memreason.data.two_hop import PromptItem, answer_token, load_pos_words, load_prompts
 from memreason.errors import ConfigError, DataError
-from memreason.interventions import hooks
-from memreason.interventions.injection_sweep import (
+from memreason.experiments.injection_grid import (
     CONTROLS,
-    PromptItem,
-    SweepConfig,
-    answer_token,
-    bootstrap_ci,
-    cell_metrics,
     condition_vectors,
     default_layers,
-    load_pos_words,
-    load_prompts,
-    plot_heatmap,
     pos_matched_memories,
-    run_sweep,
     shuffled_memories,
-    sign_test_p,
     split_items,
+)
+from memreason.experiments.injection_sweep import (
+    SweepConfig,
+    cell_metrics,
+    plot_heatmap,
+    run,
+    run_sweep,
     write_outputs,
 )
+from memreason.interventions import hooks
 from memreason.interventions.memory_injection import inject, left_padded_batch, memory_token_ids, residual_norms
+from memreason.stats import bootstrap_ci, sign_test_p
 
 WORDS = ["France", "Japan", "Italy", "Paris", "Tokyo", "Rome", "capital", "country", "tower", "mountain", "apple",
          "window", "garden", "pencil", "river", "stands", "where", "the", "of", "is", "The", "Eiffel", "Fuji"]
@@ -59,13 +67,10 @@ def tokenizer():
 
 
 def build(kind, vocab):
-    torch.manual_seed(0)
+    """A 4-layer random model: conftest's tiny Llama, or another family's tiny config."""
     if kind == "llama":
-        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2)
-    else:
-        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=64)
-    return AutoModelForCausalLM.from_config(config).eval()
+        return build_tiny_model(vocab, layers=4)
+    return build_family(kind, vocab, layers=4)
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +179,11 @@ def test_cell_metrics_on_a_worked_example():
 
 def test_bootstrap_ci_brackets_the_mean_and_is_seeded():
     values = np.random.default_rng(1).normal(0.3, 1.0, 200)
-    low, high = bootstrap_ci(values, 2000, seed=5)
+    low, high = bootstrap_ci(values, n_resamples=2000, seed=5)
     assert low < values.mean() < high
     assert high - low == pytest.approx(2 * 1.96 / math.sqrt(200), rel=0.2)
-    assert bootstrap_ci(values, 2000, seed=5) == (low, high)
-    assert bootstrap_ci([0.7] * 10, 100) == pytest.approx((0.7, 0.7))
+    assert bootstrap_ci(values, n_resamples=2000, seed=5) == (low, high)
+    assert bootstrap_ci([0.7] * 10, n_resamples=100) == pytest.approx((0.7, 0.7))
 
 
 def test_sign_test_p_values():
@@ -229,14 +234,20 @@ def test_condition_vectors_match_norms_and_texts(llama, tokenizer):
 
 # ------------------------------------------------------------------ the sweep measures what inject() does
 
-@pytest.mark.parametrize("kind,positions", [("llama", "all"), ("llama", "last"), ("gpt2", "all")])
-def test_sweep_cells_equal_one_prompt_at_a_time_injection(kind, positions, tokenizer):
+# (family, positions, resumed from cached residuals): Gemma-2 alternates sliding-window layers and soft-caps its
+# logits, OPT adds learned positions inside a nested body, Phi-3 is a Llama shape under another name.
+SWEEP_CASES = [("llama", "all", True), ("llama", "last", True), ("gpt2", "all", False), ("phi3", "all", True),
+               ("gemma2", "all", False), ("opt", "last", False)]
+
+
+@pytest.mark.parametrize("kind,positions,resumable", SWEEP_CASES)
+def test_sweep_cells_equal_one_prompt_at_a_time_injection(kind, positions, resumable, tokenizer):
     """Every (layer, tau) cell of the batched sweep — resumed from cached residuals on Llama, full forwards on
     GPT-2 — equals running ``inject`` on each prompt alone and scoring it."""
     model = build(kind, len(tokenizer))
     config = SweepConfig(controls=(), positions=positions, seed=1, **SMALL)
     result = run_sweep(model, tokenizer, ITEMS, config)
-    assert result.meta["resumed_from_cache"] == (kind == "llama")
+    assert result.meta["resumed_from_cache"] == resumable
     norms = residual_norms(model, tokenizer, NEUTRAL)
     split = split_items(len(ITEMS), 0.5, 1)
     for layer in config.layers:
@@ -371,3 +382,79 @@ def test_smollm2_sweep_resumed_cells_match_inject():
         cell = next(r for r in result.cells if r["split"] == s)
         expected = np.mean([d for d, x in zip(deltas, split) if x == s])
         assert cell["mean_dlogp"] == pytest.approx(expected, abs=1e-4)
+
+
+# ------------------------------------------------------------------ settings, resuming, kill -9
+
+def test_settings_load_from_yaml_with_spans_written_either_way(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("positions: '2:5'\ntaus: [1, 2]\nlimit: 6\n")
+    cfg = load_settings(SweepConfig, path)
+    assert (cfg.positions, cfg.taus, cfg.limit) == ((2, 5), (1.0, 2.0), 6)
+    assert load_settings(SweepConfig, path, ["positions=[null, -1]"]).positions == (None, -1)
+    with pytest.raises(ConfigError, match="--limit must be at least 4"):
+        load_settings(SweepConfig, path, ["limit=3"])
+
+
+@pytest.fixture(scope="module")
+def saved_model(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sweep-model")
+    build_tiny_model(len(tokenizer), layers=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _sweep_settings(model_dir, out):
+    # batch_size 4 < 6 rows per item: one item per group, two chunks (two progress calls) per (group, layer)
+    return SweepConfig(model=str(model_dir), device="cpu", limit=8, layers=(0, 1), taus=(0.1, 0.3),
+                       controls=("shuffled", "random"), n_bootstrap=50, batch_size=4, out=str(out))
+
+
+def _outputs(out):
+    summary = json.loads((out / "summary.json").read_text())
+    summary["config"].pop("out")
+    return ((out / "cells.csv").read_bytes(), (out / "items.csv").read_bytes(), summary,
+            (out / "measurements.jsonl").read_text().splitlines())
+
+
+def test_sweep_killed_with_sigkill_resumes_to_the_same_outputs(saved_model, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run(_sweep_settings(saved_model, reference))
+    # Kill the sweep process itself (SIGKILL: no cleanup of any kind) in the middle of a block: after the
+    # 7th batch, i.e. one chunk into group 1, layer 1; three blocks of group 0/1 are on disk by then.
+    script = textwrap.dedent(f"""
+        import os, signal
+        from memreason.experiments.injection_sweep import SweepConfig, run
+        calls = []
+        def progress(done, total):
+            calls.append(done)
+            if len(calls) == 7:
+                os.kill(os.getpid(), signal.SIGKILL)
+        run(SweepConfig(**{_sweep_settings(saved_model, killed).__dict__!r}), progress=progress)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    lines = (killed / "measurements.jsonl").read_text().splitlines()
+    assert [json.loads(line)["block"] for line in lines] == ["clean", "edit", "edit", "clean", "edit"]
+    assert not (killed / "summary.json").exists()
+    with open(killed / "measurements.jsonl", "a") as handle:  # and a torn half-line, as a kill mid-append leaves
+        handle.write('{"block": "edit", "group": 1, "lay')
+
+    measured = []
+    result, _ = run(_sweep_settings(saved_model, killed), progress=lambda done, total: measured.append(done))
+    assert _outputs(killed) == _outputs(reference)
+    records = [json.loads(line) for line in _outputs(killed)[3]]
+    keys = [(r["block"], r["group"], r.get("layer")) for r in records]
+    assert len(keys) == len(set(keys)) == 8 * 3  # every block once: 8 groups x (clean + 2 layers)
+    assert result.meta["n_items"] == 8
+
+
+def test_resume_refuses_an_output_dir_of_other_settings(saved_model, tmp_path):
+    out = tmp_path / "o"
+    run(_sweep_settings(saved_model, out))
+    other = SweepConfig(**{**_sweep_settings(saved_model, out).__dict__, "taus": (0.2,)})
+    with pytest.raises(ConfigError, match=r"different settings \(taus differ\).*--overwrite"):
+        run(other)
+    result, _ = run(other, overwrite=True)
+    assert result.meta["taus"] == [0.2]
