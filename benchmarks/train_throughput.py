@@ -8,7 +8,7 @@ optimiser steps with the same effective batch of 16 examples and the same learni
   (the issue's baseline; ``--official-padding none`` feeds each example unpadded, which is what the
   original's collator does at batch size 1, spec disentangle.md §4.3/§10.3);
 - ours: length-grouped batches of 8 padded only to their longest row, gradient accumulation 2
-  (``memreason.train``).
+  (``memreason.train``: ``data.LengthGroupedSampler``, ``trainer.RecipeTrainer``).
 
 Throughput counts target tokens (the tokens the loss is computed on) per second of training. Quality is
 checked on the same held-out examples afterwards: the two arms should reach about the same loss ("equal
@@ -88,9 +88,9 @@ def run_arm(name, base_state, make_model, train_rows, eval_rows, *, batch_size, 
     import torch
     from transformers import TrainingArguments, set_seed
 
-    from memreason.train import ListDataset, PadCollator, trainer_classes
+    from memreason.train import ListDataset, PadCollator
+    from memreason.train.trainer import RecipeTrainer
 
-    RecipeTrainer = trainer_classes()[0]
     set_seed(seed)
     model = make_model()
     model.load_state_dict(base_state)  # identical starting point for both arms

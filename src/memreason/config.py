@@ -169,6 +169,13 @@ class TrainConfig:
         seed (int): seeds model init of the adapters, dropout and data order.
         save_total_limit (int | None): checkpoints kept for resuming (the best one is always kept).
         logging_steps (int): log the training loss every N optimiser steps.
+        report_to (list[str]): experiment trackers transformers logs to (``tensorboard``, ``wandb``,
+            ``mlflow``, ``trackio``, ...; ``[all]`` = every installed one); empty = none. TensorBoard
+            events go to ``<output_dir>/tensorboard``.
+        run_name (str | None): the run's name in those trackers; ``None`` = the output_dir's name.
+        trainer_args (dict): further ``transformers.TrainingArguments`` fields passed through as they are
+            (e.g. ``{optim: adamw_torch_fused, dataloader_num_workers: 2}``); unknown fields and fields
+            memreason sets from its own keys are refused (see ``memreason.train.arguments``).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -183,6 +190,9 @@ class TrainConfig:
     seed: int = 0
     save_total_limit: int | None = 2
     logging_steps: int = 5
+    report_to: list[str] = field(default_factory=list)
+    run_name: str | None = None
+    trainer_args: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -558,6 +568,10 @@ def _validate(cfg: TrainConfig, check_data: bool = True) -> list[str]:
     if d.marker_allocation == "random" and not cfg.scheme.labels_steps:
         problems.append("data.marker_allocation=random shuffles memory/reason markers, but scheme "
                         f"{cfg.scheme.style!r} (n_special={cfg.scheme.n_special}) writes no kind markers")
+    from memreason.train.arguments import check_reporting, check_trainer_args  # lazy: train imports config
+
+    problems.extend(check_reporting(cfg.report_to, cfg.run_name))
+    problems.extend(check_trainer_args(cfg.trainer_args))
     if check_data:
         problems.extend(_check_source(d))
     return problems

@@ -134,3 +134,59 @@ def test_changed_token_ids_are_refused(run, tmp_path):
     (moved / "run.json").write_text(json.dumps(data))
     with pytest.raises(ModelLoadError, match="was the base model replaced"):
         load_run(moved)
+
+
+# A complete run.json as `memreason train` wrote it before RunInfo wrote it (memreason 0.1.0, tiny model).
+_OLD_RUN_JSON = {
+    "format": "memreason-run/1", "status": "complete", "base_model": "/tmp/base", "task": "strategyqa",
+    "task_version": 1, "prompt_style": "plain", "scheme": {"style": "paper", "n_prefix": 3, "n_special": 4},
+    "mode": "lora+tokens", "tokens": TokenScheme().tokens(), "token_ids": list(range(323, 338)),
+    "vocab_size": 338, "seed": 0, "dtype": "float32", "amp": None, "world_size": 1,
+    "data": {"source": "/tmp/data.jsonl", "n_train": 12, "n_val": 4, "n_val_generated": 4,
+             "dropped_too_long": {"train": 0, "val": 0}, "val_ids": ["a", "b", "c", "d"], "marker_allocation": "gold"},
+    "trainable_parameters": 19392, "versions": {"memreason": "0.1.0", "torch": "2.13.0+cpu",
+                                                "transformers": "5.23.0", "peft": "0.21.2"},
+    "best": {"checkpoint": "checkpoint-4", "step": 4, "val_accuracy": 0.75, "val_answer_rate": 1.0,
+             "val_format_rate": 1.0, "val_loss": 2.5},
+    "last": {"checkpoint": "checkpoint-6", "step": 6, "val_accuracy": 0.5, "val_answer_rate": 1.0,
+             "val_format_rate": 0.75, "val_loss": 2.4},
+    "train_seconds": 3.2, "global_step": 6,
+}
+
+
+def test_a_run_json_written_before_run_info_wrote_it_loads_and_writes_back_the_same(tmp_path):
+    from memreason.model.runs import SavedWeights
+
+    info = RunInfo.from_dict(_OLD_RUN_JSON)
+    assert info.status == "complete" and info.scheme == TokenScheme() and info.token_ids == tuple(range(323, 338))
+    assert info.best == SavedWeights("checkpoint-4", 4, 0.75, 1.0, 1.0, 2.5) and info.last.step == 6
+    assert info.to_dict() == _OLD_RUN_JSON
+    (tmp_path / "run").mkdir()
+    info.to_json(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "run.json").read_text()) == _OLD_RUN_JSON
+    assert RunInfo.from_json(tmp_path / "run").run_dir == tmp_path / "run"
+
+
+def test_a_run_info_round_trips_through_run_json_in_every_status(tmp_path):
+    (tmp_path / "run").mkdir()
+    for status, error in (("training", None), ("failed", "RuntimeError: out of memory"), ("interrupted", "KeyboardInterrupt")):
+        info = RunInfo(base_model="b", task="strategyqa", prompt_style="chat", scheme=TokenScheme("compact"),
+                       mode="tokens", token_ids=(7, 8, 9), status=status, error=error, global_step=3)
+        info.to_json(tmp_path / "run")
+        again = RunInfo.from_json(tmp_path / "run")
+        assert again.to_dict() == info.to_dict() and again.status == status and again.error == error
+
+
+def test_an_unknown_status_is_a_corrupt_run_json():
+    with pytest.raises(ModelLoadError, match="status 'done' is not one of"):
+        RunInfo.from_dict({**_OLD_RUN_JSON, "status": "done"})
+
+
+def test_adapters_name_the_real_base_model(tmp_path):
+    from memreason.model.loading import DEFAULT_MODEL
+    from memreason.model.runs import EMBEDDED_BASE_HUB_ID, adapter_base_name
+
+    assert adapter_base_name(DEFAULT_MODEL) == EMBEDDED_BASE_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert adapter_base_name("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
+    (tmp_path / "base").mkdir()
+    assert adapter_base_name(str(tmp_path / "base")) == str((tmp_path / "base").resolve())

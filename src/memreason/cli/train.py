@@ -3,7 +3,10 @@
 The recipe (configs/*.yaml) sets model, data, token scheme, fine-tuning mode, LoRA, optimiser and
 validation; ``key=value`` overrides change any of it. The run directory (``output_dir``) receives the
 adapter, the tokenizer with the added tokens, the resolved config, metrics.jsonl and curves.png; the best
-checkpoint is chosen by accuracy on a validation split carved from the training data.
+checkpoint is chosen by accuracy on a validation split carved from the training data. Training logs one
+line per log event (``step 12/24  loss 2.478  lr 1.9e-3  grad-norm 0.84``) above the progress bar, and to
+TensorBoard / W&B / ... with ``report_to=[tensorboard]``. A run stopped by an error or Ctrl-C is marked so
+in run.json: rerun it (nothing was checkpointed yet) or continue it with ``--resume``.
 Multi-GPU: ``accelerate launch -m memreason.cli train --config ...`` (see configs/accelerate/).
 """
 
@@ -16,6 +19,7 @@ EPILOG = """examples:
   memreason train --config configs/demo.yaml optim.epochs=2 output_dir=runs/demo-2ep
   memreason train --config configs/demo.yaml scheme.n_special=0 output_dir=runs/demo-s0      # the S=0 ablation
   memreason train --config configs/paper/llama31_8b_strategyqa.yaml --resume
+  memreason train --config configs/demo.yaml report_to=[tensorboard] trainer_args.optim=adamw_torch_fused
   accelerate launch --config_file configs/accelerate/ddp.yaml -m memreason.cli train --config configs/demo.yaml
 """
 
@@ -35,22 +39,26 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
+    import math
     import os
 
+    from memreason.model.runs import RunInfo, is_run_dir
     from memreason.train import load_config, main
 
     cfg = load_config(args.config, args.overrides)
+    # memreason.cli's console handler writes each log line through tqdm, above the progress bar
     run_dir = main(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate only the first process reports
         return 0
-    info_path = run_dir / "run.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        best = info.get("best") or {}
+    if is_run_dir(run_dir):
+        info = RunInfo.from_json(run_dir)
+        best = info.best
         if best:
-            print(f"best checkpoint: {best.get('checkpoint')} (step {best.get('step')}): validation accuracy "
-                  f"{best.get('val_accuracy', float('nan')):.3f}, format rate {best.get('val_format_rate', float('nan')):.3f} "
-                  f"(n = {info['data']['n_val_generated']})")
+            def rate(value):
+                return math.nan if value is None else value
+
+            print(f"best checkpoint: {best.checkpoint} (step {best.step}): validation accuracy "
+                  f"{rate(best.val_accuracy):.3f}, format rate {rate(best.val_format_rate):.3f} "
+                  f"(n = {info.data['n_val_generated']})")
     print(f"run: {run_dir}")
     return 0

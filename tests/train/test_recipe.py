@@ -1,92 +1,29 @@
-"""Tests of the training recipe on tiny random Llama models (a few seconds each), plus SmolLM2 checks."""
+"""Tests of the training recipe (memreason.train.recipe) on tiny random Llama models (a few seconds each),
+plus SmolLM2 checks."""
 
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_tiny_model, build_tiny_tokenizer
+from conftest import build_tiny_tokenizer
 from memreason.errors import ConfigError, DataError
 from memreason.model.tokens import TokenScheme, format_target
-from memreason.traces import MEMORY, REASON, Step, Trace
-from memreason.train import (IGNORE_INDEX, LengthGroupedSampler, PadCollator, TrainRecipe,
-                             allocate_markers_randomly, encode, load_config, main, prepare_example,
-                             split_validation)
-
-QUESTIONS = [
-    ("Is the Pacific Ocean larger than the Atlantic Ocean?", "The Pacific Ocean is the largest ocean on Earth.",
-     "So the statement is true.", "True"),
-    ("Is Paris the capital of France?", "Paris is the capital of France.", "So the statement is true.", "True"),
-    ("Does water boil at 50 degrees Celsius at sea level?", "Water boils at 100 degrees Celsius at sea level.",
-     "Therefore the statement is false.", "False"),
-    ("Is the Atlantic Ocean the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth.",
-     "Therefore the statement is false.", "False"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run 4x faster on one thread than on two busy shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _traces(n: int) -> list[Trace]:
-    out = []
-    for i in range(n):
-        question, fact, reason, answer = QUESTIONS[i % len(QUESTIONS)]
-        out.append(Trace(f"{question} ({i})", (Step(MEMORY, fact), Step(REASON, reason)), answer))
-    return out
-
-
-def _write_jsonl(traces, path):
-    with open(path, "w") as handle:
-        for trace in traces:
-            handle.write(json.dumps(trace.to_dict()) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Tiny models (tied, untied, padded vocabulary) saved as local model dirs, and a 16-trace dataset."""
-    root = tmp_path_factory.mktemp("train-assets")
-    tokenizer = build_tiny_tokenizer()
-    paths = {}
-    for name, kwargs in {"tied": {}, "untied": {"tie": False}, "padded": {"padded_vocab": 32}}.items():
-        model = build_tiny_model(len(tokenizer), **kwargs)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        paths[name] = root / name
-    paths["data"] = _write_jsonl(_traces(16), root / "data.jsonl")
-    paths["root"] = root
-    return paths
-
-
-def _config(assets, out, *extra, model="tied"):
-    return load_config(None, [
-        f"model.name_or_path={assets[model]}", f"data.source={assets['data']}", "data.task=strategyqa",
-        "data.train_split=null", "data.val_size=4", "prompt_style=plain", "optim.epochs=2", "optim.batch_size=4",
-        "optim.lr=2e-2", "optim.warmup_steps=0", "eval.max_new_tokens=12", "eval.every_steps=2",
-        "logging_steps=1", f"output_dir={out}", *extra])
-
-
-def _fresh_base(assets, model="tied"):
-    """The base model as training saw it before step 0: loaded, with the scheme's tokens added."""
-    from memreason.model import load
-    from memreason.model.tokens import add_scheme_tokens
-
-    base, tokenizer = load(assets[model], device="cpu")
-    ids = add_scheme_tokens(base, tokenizer, TokenScheme())
-    return base, tokenizer, ids
+from memreason.train import TrainRecipe, encode, load_config, main
+from train_fixtures import QUESTIONS, assets  # noqa: F401  (fixture)
+from train_fixtures import config_overrides
+from train_fixtures import fresh_base as _fresh_base
+from train_fixtures import make_config as _config
+from train_fixtures import one_thread  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +37,7 @@ def trained(assets):
     return recipe
 
 
-# --- examples and labels ----------------------------------------------------------------------------
-
-
-def test_labels_are_exactly_the_target_tokens_and_eos(tiny_tokenizer):
-    prompt, target = "Question: Is Paris the capital of France?\n", "<x> Paris is the capital. The answer is: True"
-    row = prepare_example(tiny_tokenizer, prompt, target, max_length=512)
-    prompt_ids, target_ids = encode(tiny_tokenizer, prompt), encode(tiny_tokenizer, target)
-    eos = tiny_tokenizer.eos_token_id
-    assert row["input_ids"] == prompt_ids + target_ids + [eos]
-    assert row["labels"] == [IGNORE_INDEX] * len(prompt_ids) + target_ids + [eos]
-    assert row["n_prompt"] == len(prompt_ids)
+# --- objectives ----------------------------------------------------------------------------------------
 
 
 def test_text_objective_trains_every_token_of_a_record_without_a_prompt_or_eos(assets, tmp_path):
@@ -131,98 +58,6 @@ def test_text_objective_trains_every_token_of_a_record_without_a_prompt_or_eos(a
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "complete" and "val_loss" in info["best"]
     assert not (tmp_path / "run" / "val_generations.jsonl").exists()  # nothing to generate for plain text
-
-
-def test_prompt_and_target_are_tokenised_separately(tiny_tokenizer):
-    # "Pari" + "s is ..." would merge into the corpus word "Paris" if the strings were joined first
-    prompt, target = "Question: Pari", "s is the capital of France."
-    joined = encode(tiny_tokenizer, prompt + target)
-    row = prepare_example(tiny_tokenizer, prompt, target, max_length=512)
-    assert row["input_ids"][:-1] == encode(tiny_tokenizer, prompt) + encode(tiny_tokenizer, target)
-    assert row["input_ids"][:-1] != joined  # the boundary merge the original's x + y tokenisation suffered
-
-
-def test_eos_counts_towards_the_length_and_long_examples_are_dropped_not_truncated(tiny_tokenizer):
-    prompt, target = "Question: Is it?\n", "The answer is: True"
-    n = len(encode(tiny_tokenizer, prompt)) + len(encode(tiny_tokenizer, target)) + 1
-    assert prepare_example(tiny_tokenizer, prompt, target, max_length=n) is not None
-    assert prepare_example(tiny_tokenizer, prompt, target, max_length=n - 1) is None
-
-
-def test_model_loss_is_the_mean_nll_of_the_target_tokens_only(tiny_tokenizer, tiny_model):
-    rows = [prepare_example(tiny_tokenizer, "Question: Is Paris in France?\n", "Paris is in France.", 512),
-            prepare_example(tiny_tokenizer, "Question: Is the Pacific Ocean larger than the Atlantic Ocean?\n",
-                            "The Pacific Ocean is the largest ocean on Earth. The answer is: True", 512)]
-    batch = PadCollator(tiny_tokenizer.pad_token_id)(rows)
-    with torch.no_grad():
-        out = tiny_model(**batch)
-        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # [batch, seq, vocab]
-    nll = []
-    for i, row in enumerate(rows):
-        for j in range(row["n_prompt"], len(row["input_ids"])):  # every target token, EOS included
-            nll.append(-log_probs[i, j - 1, row["input_ids"][j]])  # position j-1 predicts token j
-    assert len(nll) == sum(len(r["input_ids"]) - r["n_prompt"] for r in rows)
-    assert out.loss.item() == pytest.approx(torch.stack(nll).mean().item(), rel=1e-5)
-
-
-def test_collator_right_pads_with_the_pad_token_and_masks_padding():
-    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    batch = PadCollator(pad_id=3)(rows)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert PadCollator(pad_id=3, pad_to=5)(rows)["input_ids"].shape == (2, 5)
-
-
-# --- data: validation split, ablations, batching -------------------------------------------------------
-
-
-def test_validation_split_is_seeded_disjoint_and_keeps_file_order():
-    traces = _traces(40)
-    train, val = split_validation(traces, fraction=0.1, size=None, seed=3)
-    assert len(val) == 4 and len(train) == 36
-    assert {t.question for t in train}.isdisjoint({t.question for t in val})
-    assert split_validation(traces, fraction=0.1, size=None, seed=3) == (train, val)
-    assert split_validation(traces, fraction=0.1, size=None, seed=4)[1] != val
-    assert val == [t for t in traces if t in val]
-    with pytest.raises(DataError, match="cannot hold out"):
-        split_validation(traces[:3], fraction=0.1, size=3, seed=0)
-
-
-def test_random_marker_allocation_shuffles_kinds_but_keeps_counts_texts_and_is_seeded():
-    traces = _traces(30)
-    shuffled = allocate_markers_randomly(traces, seed=1)
-    kinds = [s.kind for t in traces for s in t.steps]
-    new_kinds = [s.kind for t in shuffled for s in t.steps]
-    assert sorted(kinds) == sorted(new_kinds) and kinds != new_kinds
-    assert [s.text for t in traces for s in t.steps] == [s.text for t in shuffled for s in t.steps]
-    assert [t.answer for t in shuffled] == [t.answer for t in traces]
-    assert allocate_markers_randomly(traces, seed=1) == shuffled
-    assert allocate_markers_randomly(traces, seed=2) != shuffled
-
-
-def test_length_grouped_sampler_depends_only_on_seed_and_epoch_and_cuts_padding():
-    lengths = [(i * 37) % 100 + 5 for i in range(64)]
-    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=0)
-    first = list(sampler)
-    assert sorted(first) == list(range(64))
-    assert list(LengthGroupedSampler(lengths, batch_size=4, seed=0)) == first
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-
-    def padding(order):
-        batches = [order[k:k + 4] for k in range(0, len(order), 4)]
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-
-    random_order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
-    assert padding(first) < padding(random_order) / 3
-
-
-def test_a_short_final_batch_stays_last_so_batch_boundaries_never_shift():
-    sampler = LengthGroupedSampler(list(range(10)), batch_size=4, seed=5)
-    batches = sampler.batches()
-    assert [len(b) for b in batches] == [4, 4, 2]
 
 
 # --- a trained run -----------------------------------------------------------------------------------
@@ -375,6 +210,134 @@ def test_resume_after_interruption_ends_at_the_same_weights(assets, tmp_path):
     assert steps == sorted(set(steps)) == list(range(1, 7))  # no step logged twice across the interruption
 
 
+def test_run_json_is_what_run_info_writes_and_reads(trained):
+    from memreason.model.runs import RunInfo
+
+    written = json.loads((trained.run_dir / "run.json").read_text())
+    info = RunInfo.from_json(trained.run_dir)
+    assert info.to_dict() == written and info == replace(trained.info, run_dir=trained.run_dir)
+    assert info.status == "complete" and info.best.checkpoint == written["best"]["checkpoint"]
+    assert info.last.step == written["last"]["step"] == written["global_step"] == trained.trainer.state.global_step
+
+
+def test_best_and_last_carry_the_tokenizer_and_open_with_peft_auto_class(trained, assets):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from memreason.generate import generate_texts
+    from memreason.model.runs import load_run
+
+    run = trained.run_dir
+    for name in ("best", "last"):
+        adapter = json.loads((run / name / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == str(Path(assets["tied"]).resolve())  # the real base
+        tokenizer = AutoTokenizer.from_pretrained(run / name)
+        assert tokenizer.convert_tokens_to_ids(TokenScheme().tokens()) == list(trained.token_ids)
+    model = AutoPeftModelForCausalLM.from_pretrained(run / "last")  # never imports memreason's loader
+    tokenizer = AutoTokenizer.from_pretrained(run / "last")
+    ours, our_tokenizer, _ = load_run(run, device="cpu", checkpoint="last")
+    prompts = [f"Question: {q}\n" for q, *_ in QUESTIONS]
+    theirs = [g.text for g in generate_texts(model, tokenizer, prompts, max_new_tokens=7)]
+    assert theirs == [g.text for g in generate_texts(ours, our_tokenizer, prompts, max_new_tokens=7)]
+    assert all(text.startswith("<prefix_0><prefix_1><prefix_2><memory_0>") for text in theirs)  # the new tokens
+    ids = tokenizer(prompts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ours(ids).logits)
+
+
+def test_adapters_name_their_base_by_absolute_path_when_given_a_relative_one(assets, tmp_path, monkeypatch):
+    monkeypatch.chdir(assets["root"])
+    run = main(_config(assets, tmp_path / "run", "optim.max_steps=1", "eval.every_steps=1", "eval.max_new_tokens=2",
+                       "model.name_or_path=tied"), progress=False)
+    for name in ("best", "last"):
+        adapter = json.loads((run / name / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == str((assets["root"] / "tied").resolve())
+
+
+def test_a_failure_after_the_model_loads_marks_the_run_and_allows_a_rerun_or_resume(assets, tmp_path):
+    from transformers import TrainerCallback
+
+    from memreason.model.runs import RunInfo
+
+    class Fail(TrainerCallback):
+        def __init__(self, step, error):
+            self.step, self.error = step, error
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                raise self.error
+
+    cfg = _config(assets, tmp_path / "a", "optim.max_steps=4", "eval.every_steps=4")
+    recipe = TrainRecipe(cfg, progress=False)
+    recipe.setup()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        recipe.train(callbacks=[Fail(1, RuntimeError("disk on fire"))])
+    info = RunInfo.from_json(tmp_path / "a")
+    assert info.status == "failed" and info.error == "RuntimeError: disk on fire" and info.global_step == 1
+    run = main(cfg, progress=False)  # nothing was checkpointed: a plain rerun starts again
+    assert RunInfo.from_json(run).status == "complete"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+             and "train_loss" not in line]
+    assert steps == [1, 2, 3, 4]
+
+    cfg = _config(assets, tmp_path / "b", "optim.max_steps=4", "eval.every_steps=2")
+    recipe = TrainRecipe(cfg, progress=False)
+    recipe.setup()
+    with pytest.raises(KeyboardInterrupt):
+        recipe.train(callbacks=[Fail(3, KeyboardInterrupt())])
+    assert RunInfo.from_json(tmp_path / "b").status == "interrupted"
+    with pytest.raises(ConfigError, match="--resume"):  # checkpoint-2 exists: a plain rerun would lose it
+        main(cfg, progress=False)
+    assert RunInfo.from_json(main(cfg, resume=True, progress=False)).status == "complete"
+
+
+_KILL_AT_STEP = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from transformers import TrainerCallback
+from memreason.train import TrainRecipe, load_config
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 6:  # after checkpoint-4 and step 5's log, before step 6 is logged or saved
+            os.kill(os.getpid(), signal.SIGKILL)
+
+recipe = TrainRecipe(load_config(None, sys.argv[1:]), progress=False)
+recipe.setup()
+recipe.train(callbacks=[Kill()])
+"""
+
+
+def test_train_resume_after_kill_9_reaches_the_same_weights(assets, tmp_path):
+    from memreason.cli import main as cli_main
+
+    extra = ("optim.epochs=3", "data.seed=1")  # 3 steps per epoch, checkpoints every 2 steps
+    straight = main(_config(assets, tmp_path / "a", *extra), progress=False)
+    overrides = config_overrides(assets, tmp_path / "b", *extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT_STEP, *overrides], capture_output=True, text=True,
+                            timeout=240, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run = tmp_path / "b"
+    assert json.loads((run / "run.json").read_text())["status"] == "training"  # no chance to say otherwise
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 5
+    # what a kill in the middle of a save and in the middle of an append leave behind
+    (run / "checkpoints" / "checkpoint-6").mkdir()
+    (run / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors").write_bytes(b"half a file")
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 6, "lo')
+    assert cli_main(["train", "--no-progress", *overrides]) == 2  # without --resume: refused, nothing touched
+    assert cli_main(["train", "--no-progress", "--resume", *overrides]) == 0
+    a, b = load_file(straight / "last" / "adapter_model.safetensors"), load_file(run / "last" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line and "eval" not in line and "train_loss" not in line]
+    assert steps == list(range(1, 10))  # the torn line and step 5's first log are gone, nothing twice
+
+
 def test_resume_refuses_a_changed_config_and_returns_a_complete_run_unchanged(trained):
     cfg = trained.cfg
     stamp = (trained.run_dir / "run.json").stat().st_mtime_ns
@@ -442,7 +405,7 @@ def test_over_long_examples_are_dropped_and_counted_never_truncated(assets, tmp_
     cut = TrainRecipe(_config(assets, tmp_path / "b", f"data.max_length={limit}"), progress=False)
     cut.setup()
     kept = [r["input_ids"] for r in cut.trainer.train_dataset.rows]
-    assert cut.info["data"]["dropped_too_long"]["train"] == sum(n > limit for n in lengths) > 0
+    assert cut.info.data["dropped_too_long"]["train"] == sum(n > limit for n in lengths) > 0
     assert max(map(len, kept)) <= limit
     assert all(ids[-1] == cut.tokenizer.eos_token_id for ids in kept)  # every kept example ends its answer
     with pytest.raises(DataError, match="every training example is longer than data.max_length=20"):
@@ -454,7 +417,7 @@ def test_random_allocation_run_trains_on_shuffled_markers_with_the_same_validati
     gold.setup()
     shuffled = TrainRecipe(_config(assets, tmp_path / "r", "data.marker_allocation=random"), progress=False)
     shuffled.setup()
-    assert gold.info["data"]["val_ids"] == shuffled.info["data"]["val_ids"]
+    assert gold.info.data["val_ids"] == shuffled.info.data["val_ids"]
     assert [r["input_ids"] for r in gold.trainer.eval_dataset.rows] == \
            [r["input_ids"] for r in shuffled.trainer.eval_dataset.rows]
     assert sorted(map(len, (r["input_ids"] for r in gold.trainer.train_dataset.rows))) == \
@@ -529,3 +492,5 @@ def test_smollm2_three_steps_lower_the_target_loss_and_save_a_small_adapter(tmp_
     weights = load_file(run / "best" / "adapter_model.safetensors")
     assert weights["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"].shape == (15, 576)
     assert (run / "best" / "adapter_model.safetensors").stat().st_size < 20e6  # not the 113 MB embedding
+    adapter = json.loads((run / "best" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a cache path
