@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import openai
 import pytest
@@ -20,6 +21,11 @@ from memreason.cli import main
     (["--read-timeout", "nan"], ["read_timeout"]),
     (["--max-connections", "0"], ["max_connections"]),
     (["--max-context", "0"], ["--max-context"]),
+    (["--inject-tau", "nan"], ["--inject-tau"]),
+    (["--inject-layer", "-1"], ["--inject-layer"]),
+    (["--results", "no/such/results.jsonl"], ["no/such/results.jsonl"]),
+    (["--source", "oracle:x"], ["unknown correction source", "oracle:x"]),
+    (["--source", "facts:no/such/facts.txt"], ["no/such/facts.txt"]),
 ])
 def test_bad_options_fail_in_one_line_before_any_model_loads(monkeypatch, capsys, argv, names):
     import memreason.serve
@@ -49,6 +55,11 @@ def test_serve_process_answers_completions_and_stops_on_ctrl_c(tmp_path):
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         reply = client.completions.create(model="tiny", prompt="Question: Is ice lighter than water?\n", max_tokens=3)
         assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+        page = line.split("trace editor at ", 1)[1].split(";", 1)[0]
+        assert page == url.removesuffix("/v1") + "/"
+        with urllib.request.urlopen(page, timeout=30) as response:
+            assert response.headers["Content-Type"].startswith("text/html")
+            assert b"memreason trace editor" in response.read()
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=30)
         assert process.returncode == 0 and out.strip() == "stopped"

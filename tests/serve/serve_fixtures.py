@@ -5,6 +5,7 @@ import http.client
 import json
 import socket
 import time
+from dataclasses import dataclass
 
 import openai
 import pytest
@@ -106,3 +107,70 @@ def reference_greedy(backend, messages, n):
     """What the model itself produces, greedily, for the chat-templated messages."""
     prompt = backend.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return reference_greedy_ids(backend, backend.tokenizer(prompt, add_special_tokens=False)["input_ids"], n)
+
+
+# ---------------------------------------------------------------- the trace editor on the tiny reasoner
+
+ICE = "Is ice lighter than water?"
+
+
+@dataclass(frozen=True)
+class FakeCorrection:
+    """The fields of ``memreason.corrections.Correction``."""
+
+    step: int
+    text: str
+    kind: str = "memory"
+    source: str = ""
+    note: str = ""
+
+
+class FakeSource:
+    """A correction source (the ``CorrectionSource`` protocol): ``fix`` maps a step index to its corrected
+    text; other steps get no correction. ``error`` makes it fail like an unreachable LLM endpoint."""
+
+    def __init__(self, name: str, fix: dict[int, str], *, error: str | None = None):
+        self.name, self.fix, self.error = name, fix, error
+        self.asked: list[int] = []
+
+    def correct(self, result, step):
+        from memreason.errors import MemreasonError
+
+        self.asked.append(step)
+        if self.error:
+            raise MemreasonError(self.error)
+        if step not in self.fix:
+            return None
+        return FakeCorrection(step, self.fix[step], "memory", self.name, "from the fake source")
+
+
+def tiny_editor(reasoner, **kwargs):
+    """An ``Editor`` (and its chat backend) on the tiny compact-scheme reasoner, as `memreason serve` builds it."""
+    from memreason.serve import Editor
+
+    model, tokenizer, scheme, _ = reasoner
+    backend = ModelBackend(model, tokenizer, "tiny", task=get_task("strategyqa"), prompt_style="plain", scheme=scheme)
+    kwargs.setdefault("max_new_tokens", 80)
+    return backend, Editor.from_backend(backend, **kwargs)
+
+
+FACTS = ("Ice floats on water.", "Paris is the capital of France.")
+
+
+@pytest.fixture(scope="module")
+def facts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("facts") / "facts.txt"
+    path.write_text("# our facts\n" + "\n".join(FACTS) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def editor_server(tiny_reasoner, facts_file):
+    """A server with the tiny reasoner's editor and two sources: the real ``facts:FILE`` source
+    (``memreason.corrections.load_source``) over ``FACTS``, and a fake one that corrects step 0."""
+    from memreason.corrections import load_source
+
+    sources = [load_source(f"facts:{facts_file}"), FakeSource("fake", {0: "Ice floats on water."})]
+    backend, editor = tiny_editor(tiny_reasoner, sources=sources)
+    with Server(backend, editor=editor) as server:
+        yield server

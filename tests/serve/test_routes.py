@@ -1,10 +1,11 @@
 """The endpoints (``memreason.serve.routes``), driven by the official ``openai`` client on a loopback port:
-models, chat completions and plain-prompt completions; and the routing table itself."""
+models, chat completions and plain-prompt completions; the trace editor's JSON endpoints and page (raw
+HTTP); and the routing table itself."""
 
 import openai
 import pytest
-from serve_fixtures import (MESSAGES, client, raw, reference_greedy, reference_greedy_ids, server,  # noqa: F401
-                            tiny_backend, tiny_dir)
+from serve_fixtures import (ICE, MESSAGES, client, editor_server, facts_file, raw, reference_greedy,  # noqa: F401
+                            reference_greedy_ids, server, tiny_backend, tiny_dir, tiny_editor)
 
 from memreason.serve import ROUTES, RequestError, Route, ScriptedBackend, Server
 from memreason.serve.routes import match
@@ -251,3 +252,102 @@ def test_lm_evaluation_harness_local_completions_gets_the_same_text(server, clie
         requests = [Instance(request_type="generate_until", doc={}, idx=i,
                              arguments=(p, {"until": ["\n\n"], "max_gen_toks": 8})) for i, p in enumerate(prompts)]
         assert lm.generate_until(requests) == expected
+
+
+# ---------------------------------------------------------------- the trace editor's endpoints
+
+def test_editor_answer_revise_and_repair_over_http_equal_the_editor_in_process(editor_server, facts_file):
+    from memreason.interventions.revise import Edit
+    from memreason.traces import Result
+
+    editor = editor_server.editor
+    status, row = raw(editor_server, "POST", "/v1/memreason/answer", {"question": ICE, "gold": "True"})
+    assert status == 200 and row == editor.answer(ICE, gold="True").to_dict()
+    assert row["steps"][0] == {"kind": "memory", "text": "Ice is less dense than water."}
+    body = {"result": row, "step": 0, "text": "Paris is the capital of France.", "kind": "memory"}
+    status, revised = raw(editor_server, "POST", "/v1/memreason/revise", body)
+    expected = editor.revise(Result.from_dict(row), Edit(0, text="Paris is the capital of France.", kind="memory"))
+    assert status == 200 and revised == expected.to_dict()
+    assert revised["revision"]["new"] == {"kind": "memory", "text": "Paris is the capital of France."}
+    status, repaired = raw(editor_server, "POST", "/v1/memreason/repair", {"result": row, "source": "fake"})
+    assert status == 200 and repaired["correction"] == {"step": 0, "text": "Ice floats on water.", "kind": "memory",
+                                                        "source": "fake", "note": "from the fake source"}
+    assert repaired["result"]["steps"][0]["text"] == "Ice floats on water."
+    facts = f"facts:{facts_file}"
+    listing = {"sources": [{"name": facts}, {"name": "fake"}]}  # in the order given
+    assert raw(editor_server, "GET", "/v1/memreason/sources") == (200, listing)
+    # the real facts:FILE source: the fact sharing the most content words with the memory step
+    status, repaired = raw(editor_server, "POST", "/v1/memreason/repair", {"result": row, "source": facts, "step": 0})
+    assert status == 200 and repaired["correction"]["text"] == "Ice floats on water."
+    assert repaired["correction"]["source"] == facts
+    assert repaired["result"]["steps"][0]["text"] == "Ice floats on water."
+    status, payload = raw(editor_server, "POST", "/v1/memreason/repair", {"result": row, "source": facts, "step": 1})
+    assert status == 422 and payload["error"]["code"] == "no_correction"  # no fact shares a word with step 1
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/memreason/answer", {"question": ""}, 400, "question"),
+    ("/v1/memreason/answer", {"question": "x", "gold": "perhaps"}, 400, "gold"),
+    ("/v1/memreason/revise", {"result": {"id": "x"}, "step": 0, "text": "y"}, 400, "result"),
+    ("/v1/memreason/revise", {"step": 0}, 400, "result"),
+    ("/v1/memreason/repair", {"result": None, "source": "fake"}, 400, "result"),
+    ("/v1/memreason/open", {"row": {}}, 400, "row"),
+    ("/v1/memreason/answer", b"[1,", 400, None),
+])
+def test_editor_requests_are_validated_with_openai_shaped_errors(editor_server, path, body, status, param):
+    got, payload = raw(editor_server, "POST", path, body)
+    assert got == status and payload["error"]["param"] == param and payload["error"]["message"]
+
+
+def test_editor_model_work_waits_in_the_bounded_queue_like_chat(tiny_reasoner):
+    backend, editor = tiny_editor(tiny_reasoner)
+    with Server(backend, editor=editor, max_queue=1) as server:
+        with server.slot():  # the one place is taken
+            status, payload = raw(server, "POST", "/v1/memreason/answer", {"question": ICE})
+            assert status == 503 and payload["error"]["code"] == "server_busy"
+            assert raw(server, "GET", "/v1/memreason/info")[0] == 200  # no model work: not queued
+        assert raw(server, "POST", "/v1/memreason/answer", {"question": ICE})[0] == 200
+
+
+def test_rows_of_a_results_file_are_listed_and_opened(tiny_reasoner):
+    backend, editor = tiny_editor(tiny_reasoner)
+    row = editor.answer(ICE, gold="True")
+    backend, editor = tiny_editor(tiny_reasoner, rows=[row])
+    with Server(backend, editor=editor) as server:
+        status, listing = raw(server, "GET", "/v1/memreason/rows")
+        assert status == 200 and listing["rows"] == [{"index": 0, "id": row.id, "question": ICE, "predicted": "True",
+                                                      "gold": "True", "outcome": "correct", "steps": 2}]
+        assert raw(server, "GET", "/v1/memreason/rows/0") == (200, row.to_dict())
+        assert raw(server, "GET", "/v1/memreason/rows/1")[0] == 404
+        assert raw(server, "POST", "/v1/memreason/open", {"result": row.to_dict()}) == (200, row.to_dict())
+        assert raw(server, "GET", "/v1/memreason/info")[1]["rows"] == 1
+
+
+def test_the_page_is_served_without_the_key_and_the_endpoints_need_it(tiny_reasoner):
+    import base64
+    import hashlib
+    import http.client
+    import re
+
+    backend, editor = tiny_editor(tiny_reasoner)
+    with Server(backend, editor=editor, api_key="sesame") as server:
+        assert raw(server, "GET", "/v1/memreason/info")[0] == 401
+        assert raw(server, "GET", "/v1/memreason/info", headers={"Authorization": "Bearer sesame"})[0] == 200
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request("GET", "/")
+        reply = connection.getresponse()
+        page = reply.read().decode()
+        connection.close()
+    assert reply.status == 200 and reply.getheader("Content-Type") == "text/html; charset=utf-8"
+    script = re.search(r"<script>(.*?)</script>", page, re.DOTALL).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = reply.getheader("Content-Security-Policy")
+    assert f"script-src 'sha256-{digest}'" in policy and "default-src 'none'" in policy
+    assert "connect-src 'self'" in policy and reply.getheader("X-Content-Type-Options") == "nosniff"
+
+
+def test_a_server_without_an_editor_has_no_page_and_no_editor_endpoints():
+    with Server(ScriptedBackend(["x"])) as server:
+        for method, path in (("GET", "/"), ("GET", "/v1/memreason/info"), ("POST", "/v1/memreason/answer")):
+            status, payload = raw(server, method, path, {"question": "x"} if method == "POST" else None)
+            assert status == 404 and "no trace editor" in payload["error"]["message"]

@@ -1,6 +1,8 @@
 """``memreason serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/completions``,
 ``/v1/models``) for a trained run or a base model; replies carry the parsed memory/reason steps in a
-``memreason`` field beside the text."""
+``memreason`` field beside the text. The same server shows the trace editor at ``/``: ask a question or
+open a results row, see its memory/reason steps, edit, delete or correct one and watch the answer change
+(JSON endpoints under ``/v1/memreason/``)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import argparse
 import os
 
 API_KEY_ENV = "MEMREASON_SERVE_API_KEY"
+DEFAULT_LAYER, DEFAULT_TAU = 0, 0.2  # memreason.serve.editor.DEFAULT_INJECTION (kept here: no heavy import)
 
 
 def register(subparsers) -> None:
@@ -26,7 +29,13 @@ def register(subparsers) -> None:
                "python: openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='-').chat.completions.create(...)\n"
                "generation is greedy unless the request sets temperature > 0 (then seeded by the request's seed);\n"
                "/v1/completions continues the prompt as sent (no chat template) and refuses logprobs and echo.\n"
-               f"set ${API_KEY_ENV} to make clients send that key (Authorization: Bearer ...).")
+               "trace editor: open http://127.0.0.1:8000/ in a browser, e.g. after\n"
+               "  memreason serve --model runs/demo --results runs/demo/eval/results.jsonl \\\n"
+               "    --source gold:bundled:strategyqa --source facts:my_facts.txt\n"
+               "  curl http://127.0.0.1:8000/v1/memreason/answer -H 'Content-Type: application/json' \\\n"
+               "    -d '{\"question\": \"Do fish sleep?\"}'\n"
+               f"set ${API_KEY_ENV} (or --api-key) to make clients send that key (Authorization: Bearer ...);\n"
+               "the page asks for it.")
     parser.add_argument("--model", default=None, help="a run directory from `memreason train`, a model dir, a .gguf "
                         "file or a hub id (default: the embedded SmolLM2)")
     parser.add_argument("--name", default=None, help="the model id clients send (default: the run/model name)")
@@ -47,6 +56,23 @@ def register(subparsers) -> None:
                         help="connections served at once; more get a 503 (default 64)")
     parser.add_argument("--max-queue", type=int, default=32,
                         help="generation requests waiting or running at once; more get a 503 (default 32)")
+    parser.add_argument("--api-key", default=None, help=f"require this key from clients (default: ${API_KEY_ENV}; "
+                        "the environment keeps it out of the process list)")
+    editor = parser.add_argument_group("trace editor (the page at /)")
+    editor.add_argument("--results", default=None, metavar="FILE",
+                        help="a results.jsonl (from `memreason eval`) whose rows the page lists")
+    editor.add_argument("--source", action="append", default=[], metavar="SPEC",
+                        help="a correction source for 'mark wrong and correct', repeatable: gold:SOURCE, facts:FILE, "
+                             "text:..., llm:MODEL[@URL], world:DIR")
+    editor.add_argument("--inject-layer", type=int, default=DEFAULT_LAYER,
+                        help=f"layer the inject switch adds the memory at (default {DEFAULT_LAYER}: the cell the "
+                             "bundled two-hop sweep chose for SmolLM2; `memreason inject sweep` finds yours)")
+    editor.add_argument("--inject-tau", type=float, default=DEFAULT_TAU,
+                        help=f"injection strength (default {DEFAULT_TAU})")
+    editor.add_argument("--inject-tau-mode", choices=("relative", "absolute"), default="relative",
+                        help="relative: tau times the median residual norm at the layer (default); absolute: tau x v")
+    editor.add_argument("--inject-encoder", choices=("unembed", "unembed-centered", "embed", "layer"),
+                        default="unembed", help="how the memory text becomes a vector (default unembed)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.set_defaults(func=run)
@@ -54,21 +80,52 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from memreason.errors import ConfigError
-    from memreason.serve import Server, check_options, load_backend
+    from memreason.serve import Editor, Server, check_options, load_backend
 
     options = dict(default_max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
                    read_timeout=args.read_timeout, max_connections=args.max_connections, max_queue=args.max_queue)
     check_options(port=args.port, **options)  # before the model loads, not after
     if args.max_context is not None and args.max_context < 2:
         raise ConfigError(f"--max-context must be at least 2 tokens (got {args.max_context})")
+    injection, rows, sources = _editor_inputs(args)  # also before the model loads
     backend = load_backend(args.model, model_id=args.name, task=args.task, dtype=args.dtype, device=args.device,
                            max_context=args.max_context)
-    api_key = os.environ.get(API_KEY_ENV) or None
-    server = Server(backend, host=args.host, port=args.port, api_key=api_key, seed=args.seed, **options).bind()
-    print(f"serving '{backend.model_id}' at {server.url}"
-          + (f" (requests need the key in ${API_KEY_ENV})" if api_key else "") + "; Ctrl-C stops")
+    editor = Editor.from_backend(backend, sources=sources, rows=rows, injection=injection,
+                                 max_new_tokens=args.max_tokens)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    server = Server(backend, host=args.host, port=args.port, api_key=api_key, seed=args.seed, editor=editor,
+                    **options).bind()
+    page = server.url.removesuffix("/v1") + "/"
+    print(f"serving '{backend.model_id}' at {server.url}; trace editor at {page}"
+          + (" (requests need the API key)" if api_key else "") + "; Ctrl-C stops")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped")
     return 0
+
+
+def _editor_inputs(args):
+    """The injection settings, the --results rows and the --source objects, checked before any model loads."""
+    import math
+
+    from memreason.errors import ConfigError
+    from memreason.interventions.revise import Injection
+
+    if args.inject_layer < 0:
+        raise ConfigError(f"--inject-layer must be 0 or more (got {args.inject_layer})")
+    if not math.isfinite(args.inject_tau) or args.inject_tau < 0:
+        raise ConfigError(f"--inject-tau must be a non-negative number (got {args.inject_tau})")
+    injection = Injection(layer=args.inject_layer, tau=args.inject_tau, tau_mode=args.inject_tau_mode,
+                          encoder=args.inject_encoder)
+    rows = []
+    if args.results:
+        from memreason.evaluate import read_results
+
+        rows = read_results(args.results)
+    sources = []
+    if args.source:
+        from memreason.corrections import load_source
+
+        sources = [load_source(spec) for spec in args.source]
+    return injection, rows, sources

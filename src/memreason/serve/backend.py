@@ -181,26 +181,35 @@ class ModelBackend:
             when the tokenizer has a template. ``/v1/completions`` prompts are used as sent in every style.
         max_context (int | None): most prompt + generated tokens; default the model's
             ``max_position_embeddings``.
+        scheme (TokenScheme | None): the run's control-token scheme (default ``plain``), for the trace
+            editor's revisions.
+
+    Attributes:
+        lock (threading.Lock): held by every use of the model and tokenizer (generation, and the trace
+            editor built on this backend).
     """
 
     def __init__(self, model, tokenizer, model_id: str, *, task: Task | None = None, prompt_style: str = "auto",
-                 max_context: int | None = None):
+                 max_context: int | None = None, scheme=None):
         from memreason.generate import eos_ids, pad_id
+        from memreason.model.tokens import TokenScheme
         from memreason.prompts import resolve_style
 
         self.model, self.tokenizer, self.model_id, self.task = model, tokenizer, model_id, task
+        self.scheme = scheme if scheme is not None else TokenScheme("plain")
         self.prompt_style = resolve_style(prompt_style, tokenizer)
         limit = getattr(model.config, "max_position_embeddings", None) or 4096
         self.max_context = min(limit, max_context) if max_context else limit
         self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = pad_id(tokenizer, self.eos_ids)
-        self._lock = threading.Lock()
+        # every use of the model and tokenizer holds this lock (the trace editor shares it)
+        self.lock = threading.Lock()
 
     @classmethod
     def from_reasoner(cls, reasoner, model_id: str | None = None, **kwargs) -> "ModelBackend":
         """A backend for a ``memreason.load(...)`` result, keeping its task and prompt style."""
         return cls(reasoner.model, reasoner.tokenizer, model_id or reasoner.name, task=reasoner.task,
-                   prompt_style=reasoner.prompt_style, **kwargs)
+                   prompt_style=reasoner.prompt_style, scheme=reasoner.scheme, **kwargs)
 
     def render(self, messages: Sequence[dict]) -> str:
         """The prompt text for the client's messages (chat template, or the plain form)."""
@@ -223,7 +232,7 @@ class ModelBackend:
                                    f"(0..{vocab - 1})", param="prompt")
             return list(request.prompt)
         text = request.prompt if isinstance(request, CompletionRequest) else self.render(request.messages)
-        with self._lock:
+        with self.lock:
             return list(encode_prompts(self.tokenizer, [text])[0])
 
     def prepare(self, request: Request) -> _Prepared:
@@ -256,7 +265,7 @@ class ModelBackend:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([prepared.input_ids], device=device)  # [1, prompt_len]
-        with self._lock:
+        with self.lock:
             if request.temperature > 0:
                 torch.manual_seed(request.seed)  # inside the lock: no other request moves the RNG meanwhile
             with torch.no_grad():

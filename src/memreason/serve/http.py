@@ -12,7 +12,8 @@ sure no client can hold the server:
 - at most ``max_connections`` connections are served at once (more get a 503 and are closed), and at most
   ``max_queue`` generation requests wait or run at once (more get a 503 with ``Retry-After``);
 - every reply is JSON, whatever the method or path (404, 405 with ``Allow``, 501 for methods HTTP does not
-  know, and the standard library's own 400/414/431 refusals), in OpenAI's error shape.
+  know, and the standard library's own 400/414/431 refusals), in OpenAI's error shape; the one exception
+  is the trace-editor page at ``/`` (``memreason.serve.page``), served when the server has an editor.
 
 Binds 127.0.0.1 unless told otherwise.
 """
@@ -32,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from memreason.errors import ConfigError
 from memreason.serve.backend import Backend
@@ -97,11 +98,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
         """Send one JSON reply (headers only for HEAD)."""
+        self.send_body(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), "application/json", headers)
+
+    def send_body(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        """Send one whole reply of any type (the editor page; headers only for HEAD)."""
         self._writing()
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self._replied = True
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -348,6 +352,8 @@ class Server:
         max_queue (int, default 32): generation requests waiting or running at once; more get a 503.
         max_json_depth (int, default 64): deeper JSON bodies get a 400.
         routes (tuple[Route, ...]): the routing table (``memreason.serve.routes.ROUTES``).
+        editor (Editor | None): the trace editor behind ``/`` and ``/v1/memreason/*``
+            (``memreason.serve.editor``); without one those paths answer 404.
 
     Use as a context manager (``with Server(backend) as server: ...``) or ``start()`` / ``shutdown()``;
     ``serve_forever()`` blocks (for the CLI). ``stats`` counts served replies and refused requests.
@@ -370,6 +376,7 @@ class Server:
     max_queue: int = 32
     max_json_depth: int = MAX_JSON_DEPTH
     routes: tuple[Route, ...] = ROUTES
+    editor: Any = None
 
     def __post_init__(self):
         from memreason import __version__

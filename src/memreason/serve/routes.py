@@ -17,6 +17,18 @@ limits, counters, ``slot()``), ``path_tail`` (what a prefix route matched after 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/<id>``, ``POST /v1/chat/completions``
 and ``POST /v1/completions`` (plain prompts, continued as sent: the paper's format, and what
 lm-evaluation-harness's ``local-completions`` model sends).
+
+The trace editor (when the server has an ``editor``; bodies validated by ``editor_protocol``, model work
+through the same bounded queue as chat requests):
+
+- ``GET /``: the page. ``GET /v1/memreason/info``: model, task, scheme, injection settings, sources.
+- ``GET /v1/memreason/sources``: ``{"sources": [{"name"}]}``, the correction sources set at start.
+- ``GET /v1/memreason/rows`` (summaries) and ``GET /v1/memreason/rows/<i>`` (a row) of ``--results``.
+- ``POST /v1/memreason/open {result}``: a row checked and normalised (``Result.to_dict()``).
+- ``POST /v1/memreason/answer {question, gold?, id?, max_tokens?}``: a ``Result`` row.
+- ``POST /v1/memreason/revise {result, step, action?, text?, kind?, inject?, max_tokens?}``: the revised
+  row, ``extra["revision"]`` saying what changed (``memreason.interventions.revise``).
+- ``POST /v1/memreason/repair {result, source, step?, inject?, max_tokens?}``: ``{correction, result}``.
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from memreason.serve.editor import correction_dict
+from memreason.serve.editor_protocol import parse_answer, parse_open, parse_repair, parse_revise
 from memreason.serve.protocol import (Completion, RequestError, chat_body, chat_chunk, completion_body,
                                       completion_chunk, new_id, parse_completion_request, parse_request, question_of,
                                       structured, text_choice, usage)
@@ -171,10 +185,97 @@ def _stream_completions(exchange, requests, prepared, options: dict) -> None:
             send(completion_chunk(**ids, choices=[], usage_=usage(results)))
 
 
+# ---------------------------------------------------------------- the trace editor (page and /v1/memreason/*)
+
+def _editor(exchange):
+    editor = exchange.app.editor
+    if editor is None:
+        raise RequestError(404, "this server has no trace editor (start it with `memreason serve`, which adds one "
+                           "for the served model)", code="not_found")
+    return editor
+
+
+def editor_page(exchange, payload) -> None:
+    from memreason.serve.page import page
+
+    _editor(exchange)
+    data, headers = page()
+    exchange.send_body(200, data, "text/html; charset=utf-8", headers)
+
+
+def editor_info(exchange, payload) -> dict:
+    return _editor(exchange).info()
+
+
+def editor_sources(exchange, payload) -> dict:
+    editor = _editor(exchange)
+    return {"sources": [{"name": name} for name in editor.sources]}  # in --source order
+
+
+def editor_rows(exchange, payload) -> dict:
+    return {"rows": _editor(exchange).row_summaries()}
+
+
+def editor_row(exchange, payload) -> dict:
+    editor = _editor(exchange)
+    tail = exchange.path_tail
+    if not tail.isdigit() or int(tail) >= len(editor.rows):
+        raise RequestError(404, f"no row {tail!r}: the results file has rows 0 to {len(editor.rows) - 1}",
+                           code="not_found")
+    return editor.rows[int(tail)].to_dict()
+
+
+def editor_open(exchange, payload) -> dict:
+    _editor(exchange)
+    return parse_open(payload).to_dict()
+
+
+def editor_answer(exchange, payload) -> dict:
+    """``{question, gold?, id?, max_tokens?}`` → a Result row (prompt, token ids, step confidences)."""
+    editor, app = _editor(exchange), exchange.app
+    request = parse_answer(payload, task=editor.task, max_tokens_limit=app.max_tokens_limit)
+    with app.slot():
+        result = editor.answer(request.question, gold=request.gold, row_id=request.id,
+                               max_new_tokens=request.max_tokens)
+    app.count()
+    return result.to_dict()
+
+
+def editor_revise(exchange, payload) -> dict:
+    """``{result, step, action, text?, kind?, inject?, max_tokens?}`` → the revised Result row."""
+    editor, app = _editor(exchange), exchange.app
+    request = parse_revise(payload, max_tokens_limit=app.max_tokens_limit, labels_steps=editor.scheme.labels_steps)
+    with app.slot():
+        result = editor.revise(request.result, request.edit, inject=request.inject,
+                               max_new_tokens=request.max_tokens)
+    app.count()
+    return result.to_dict()
+
+
+def editor_repair(exchange, payload) -> dict:
+    """``{result, source, step?, inject?, max_tokens?}`` → ``{correction, result}``."""
+    editor, app = _editor(exchange), exchange.app
+    request = parse_repair(payload, max_tokens_limit=app.max_tokens_limit)
+    with app.slot():
+        correction, result = editor.repair(request.result, request.source, step=request.step,
+                                           inject=request.inject, max_new_tokens=request.max_tokens)
+    app.count()
+    return {"correction": correction_dict(correction), "result": result.to_dict()}
+
+
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/health", health),
     Route("GET", "/v1/models", list_models),
     Route("GET", "/v1/models/", get_model, prefix=True),
     Route("POST", "/v1/chat/completions", chat_completions, body=True),
     Route("POST", "/v1/completions", completions, body=True),
+    Route("GET", "/", editor_page, auth=False),  # the page holds no data; it asks for the key itself
+    Route("GET", "/v1/memreason/info", editor_info),
+    Route("GET", "/v1/memreason/sources", editor_sources),
+    Route("GET", "/v1/memreason/rows", editor_rows),
+    Route("GET", "/v1/memreason/rows/", editor_row, prefix=True),
+    Route("POST", "/v1/memreason/open", editor_open, body=True),
+    Route("POST", "/v1/memreason/answer", editor_answer, body=True),
+    Route("POST", "/v1/memreason/revise", editor_revise, body=True),
+    Route("POST", "/v1/memreason/repair", editor_repair, body=True),
 )
