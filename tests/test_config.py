@@ -1,6 +1,7 @@
 import pytest
 
-from memreason.config import TrainConfig, build_config, config_to_dict, load_config, save_config
+from memreason.config import config_to_dict
+from memreason.train.config import TrainConfig, build_config, load_config, save_config
 from memreason.errors import ConfigError
 from memreason.model.tokens import TokenScheme
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memreason.config import load_config, load_settings
+from memreason.config import load_settings
+from memreason.train.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # directory under configs/ -> (the verb whose --config reads it, "module:SettingsClass")

@@ -143,7 +143,7 @@ def load_ablation(path: str | Path | None = None, overrides: list[str] | tuple[s
 
 def knowledge_config(cfg: AblateConfig, world_dir: Path, run_dir: Path, n_sentences: int):
     """The knowledge stage's TrainConfig: full fine-tuning, plain LM loss on the corpus sentences."""
-    from memreason.config import build_config
+    from memreason.train.config import build_config
 
     return build_config({
         "model": {"name_or_path": cfg.model, "device": cfg.device},
@@ -160,7 +160,7 @@ def knowledge_config(cfg: AblateConfig, world_dir: Path, run_dir: Path, n_senten
 
 def arm_config(cfg: AblateConfig, arm: Arm, world_dir: Path, base_model: Path, run_dir: Path):
     """An arm's TrainConfig: only the scheme, the mode and the marker allocation differ between arms."""
-    from memreason.config import build_config
+    from memreason.train.config import build_config
 
     return build_config({
         "model": {"name_or_path": str(base_model), "device": cfg.device},

@@ -9,7 +9,7 @@
 asked for, so importing this package stays cheap.
 """
 
-from memreason.config import TrainConfig, build_config, load_config
+from memreason.train.config import TrainConfig, build_config, load_config
 from memreason.model.runs import RUN_FORMAT
 from memreason.train.data import (IGNORE_INDEX, LengthGroupedSampler, ListDataset, PadCollator,
                                   allocate_markers_randomly, encode, prepare_example, split_validation)

@@ -45,7 +45,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from memreason.config import LORA_TARGETS, TrainConfig, config_to_dict, load_config, save_config
+from memreason.config import config_to_dict
+from memreason.train.config import LORA_TARGETS, TrainConfig, load_config, save_config
 from memreason.errors import ConfigError, DataError, ModelLoadError
 from memreason.model.runs import RunInfo, SavedWeights, adapter_base_name
 from memreason.model.tokens import format_target
