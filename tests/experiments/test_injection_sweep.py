@@ -15,6 +15,8 @@ import textwrap
 
 import numpy as np
 import pytest
+
+from memreason.analysis.plots import plot_sweep_heatmap
 import torch
 from conftest import build_tiny_model
 from tiny_families import build_family
@@ -35,7 +37,6 @@ from memreason.experiments.injection_grid import (
 from memreason.experiments.injection_sweep import (
     SweepConfig,
     cell_metrics,
-    plot_heatmap,
     run,
     run_sweep,
     write_outputs,
@@ -321,7 +322,7 @@ def test_outputs_are_written(llama, tokenizer, tmp_path):
 def test_heatmap_reads_cells_csv_rows(tmp_path):
     cells = [{"condition": c, "layer": str(layer), "tau": str(tau), "split": "dev", "mean_dlogp": str(v)}
              for c in ("curated", "random") for layer in (0, 3) for tau, v in ((0.1, 0.2), (0.5, -1.0))]
-    path = plot_heatmap(cells, tmp_path / "h.png", best=(3, 0.1))
+    path = plot_sweep_heatmap(cells, tmp_path / "h.png", best=(3, 0.1))
     assert path.stat().st_size > 1000
 
 

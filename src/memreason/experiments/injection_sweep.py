@@ -17,14 +17,13 @@ words at one cell only, unmatched in norm (§7). This module keeps the measureme
 
 This module owns the settings (``SweepConfig``, loadable from YAML with ``memreason.config.load_settings``),
 ``run(config)`` (inputs checked before the model loads; a resumable output directory), the statistics
-(``summarise``) and the outputs (``write_outputs``, ``plot_heatmap``). Measuring lives in
+(``summarise``) and the outputs (``write_outputs``; the heatmap is ``analysis.plots.plot_sweep_heatmap``). Measuring lives in
 ``experiments.injection_grid``, the mechanism in ``interventions.memory_injection``, the prompt files in
 ``data.two_hop``. ``benchmarks/injection_sweep.py`` measures the batched sweep against the original loop.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from memreason.experiments.injection_grid import (
     check_split,
     measure_grid,
 )
+from memreason.analysis.plots import plot_sweep_heatmap
 from memreason.interventions.memory_injection import (
     CALIBRATION_TEXTS,
     ENCODERS,
@@ -495,7 +495,7 @@ def write_outputs(result: SweepResult, out_dir: str | os.PathLike) -> dict[str, 
     summary = {"config": result.config, "meta": result.meta, "best": result.best,
                "comparisons": result.comparisons, "own_best": result.own_best, "collateral": result.collateral}
     write_json(paths["summary"], summary, indent=2)
-    plot_heatmap(result.cells, paths["heatmap"], best=(result.best["layer"], result.best["tau"]),
+    plot_sweep_heatmap(result.cells, paths["heatmap"], best=(result.best["layer"], result.best["tau"]),
                  title=f"{Path(result.meta['model']).name}: dev mean Δlog p of the answer "
                        f"(tau {result.config['tau_mode']}; ★ chosen cell)")
     return paths
@@ -518,58 +518,6 @@ def _grids(cells: list[dict], split: str, metric: str):
     return grids, layers, taus
 
 
-def plot_heatmap(cells: list[dict], path: str | os.PathLike, split: str = "dev", metric: str = "mean_dlogp",
-                 best: tuple[int, float] | None = None, title: str | None = None) -> Path:
-    """Layer x tau heatmaps of ``metric`` on ``split``, one panel per condition, on one diverging scale.
-
-    Drawn on a ``matplotlib.figure.Figure`` (no pyplot, no process-wide backend switch); the sweep's only
-    figure, so it lives with the sweep.
-
-    Args:
-        cells (list[dict]): the sweep's cell table (``SweepResult.cells`` or ``cells.csv`` rows).
-        path: the PNG to write (atomically).
-        split (str, default "dev"): which split to show (the one the cell was chosen on).
-        metric (str, default "mean_dlogp"): a column of the cell table.
-        best (tuple[int, float] | None): (layer, tau) to mark.
-        title (str | None): figure title.
-
-    Returns:
-        Path: the written file.
-    """
-    import matplotlib.colors
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    grids, layers, taus = _grids(cells, split, metric)
-    # Zero is white; the two sides get their own ranges, negatives clipped at the 5th percentile: destroyed
-    # cells (Δlog p of -10 or worse) would otherwise wash out the small positive effects that matter.
-    values = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
-    low = min(float(np.percentile(values, 5)) if values.size else -1.0, -1e-3)
-    high = max(float(values.max()) if values.size else 1.0, 1e-3)
-    scale = matplotlib.colors.TwoSlopeNorm(vcenter=0.0, vmin=low, vmax=high)
-    fig = Figure(figsize=(2.2 + 2.0 * len(grids), 0.28 * len(layers) + 2))
-    axes = fig.subplots(1, len(grids), squeeze=False, sharey=True)
-    for ax, (c, grid) in zip(axes[0], grids.items()):
-        image = ax.imshow(grid, cmap="RdBu", norm=scale, aspect="auto", origin="lower")
-        ax.set_title(c)
-        ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus], rotation=45)
-        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-        ax.set_xlabel("tau")
-        if best is not None and best[0] in layers and best[1] in taus:
-            ax.scatter([taus.index(best[1])], [layers.index(best[0])], marker="*", s=120, c="gold",
-                       edgecolors="black")
-    axes[0][0].set_ylabel("layer")
-    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=f"{metric} ({split}; clipped)")
-    bar.set_ticks([*np.linspace(low, 0, 4), *np.linspace(0, high, 3)[1:]])
-    if title:
-        fig.suptitle(title, y=1.0 + 0.3 / fig.get_figheight())
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    path = Path(path)
-    atomic_write(path, buffer.getvalue())
-    return path
-
-
 __all__ = ["CONTROLS", "DEFAULT_CONTROLS", "DEFAULT_TAUS", "MeasurementLog", "SweepConfig", "SweepResult",
-           "cell_metrics", "check_inputs", "load_items", "open_output", "plot_heatmap", "run", "run_sweep",
+           "cell_metrics", "check_inputs", "load_items", "open_output", "run", "run_sweep",
            "summarise", "write_outputs"]

@@ -263,7 +263,7 @@ def format_report(summary: dict) -> str:
         row = f"{name:<13}{cell(entry['overall']):>{width + 2}}"
         row += "".join(f"{cell(entry['categories'][c]):>{width + 2}}" for c in categories)
         lines.append(row)
-    lines.append(f"category n: " + ", ".join(f"{c} {conditions[names[0]]['categories'][c]['n']}" for c in categories))
+    lines.append("category n: " + ", ".join(f"{c} {conditions[names[0]]['categories'][c]['n']}" for c in categories))
     lines.append("")
     lines.append("paired comparisons (second - first, accuracy points; bootstrap 95% CI; exact McNemar):")
     for comp in summary["comparisons"]:

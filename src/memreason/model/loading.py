@@ -202,7 +202,6 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype="auto", device:
     Raises:
         ModelLoadError: missing path, unreachable hub, unreadable checkpoint, unknown dtype.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
