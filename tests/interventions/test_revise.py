@@ -116,3 +116,15 @@ def test_every_token_scheme_revises_exactly(style, tmp_path):
     assert again.raw == result.raw
     edited = revise(model, tokenizer, TASK, scheme, result, Edit(0, text="Rocks are heavy."), max_new_tokens=80)
     assert edited.steps[0].text == "Rocks are heavy."
+
+
+def test_a_replaced_step_that_shares_its_first_characters_with_the_old_one_is_tokenised_afresh(compact):
+    from memreason.model.tokens import format_step
+    from memreason.traces import Step
+
+    (model, tokenizer, scheme, _), results = compact
+    result = results[0]
+    new = Step(result.steps[0].kind, result.steps[0].text.split()[0] + " is heavy.")  # same first word
+    edited = revise(model, tokenizer, TASK, scheme, result, Edit(0, text=new.text), max_new_tokens=80)
+    fresh = tokenizer(format_step(new, scheme) + "\n", add_special_tokens=False)["input_ids"]
+    assert list(edited.token_ids[:len(fresh)]) == fresh

@@ -22,7 +22,7 @@ import warnings
 from memreason.errors import MemreasonError
 
 # Verb modules, in the order --help lists them.
-VERB_MODULES = ["demo", "train", "smoke", "data", "eval", "compare", "rebalance", "inject", "annotate", "serve", "export", "inspect", "report",
+VERB_MODULES = ["demo", "train", "smoke", "data", "eval", "compare", "rebalance", "inject", "annotate", "serve", "export", "inspect", "repair", "report",
                 "world"]
 
 EXIT_USER_ERROR = 2

@@ -5,6 +5,10 @@ the exact judge). ``ablate`` runs the whole ablation on it: a knowledge stage (f
 cloze recall before and after), then memory/reason tokens vs S=0 vs random markers vs plain CoT vs direct
 answers, same seed and budget, with accuracy, 95% CIs and memory/reasoning error rates from the exact
 judge. Re-running ``ablate`` with the same settings resumes: finished stages, arms and answers are reused.
+``repair`` runs (or reuses) the same ablation, then the repair benchmark on its arms: the false recall of
+each wrong answer corrected by text or by injection, against matched controls (another false fact,
+regeneration with no edit, a paraphrase of a true recall in right answers), and how well the model's own
+step confidence finds its false recalls (AUROC) and what abstaining buys (accuracy against coverage).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ EPILOG = """examples:
   memreason world ablate --out runs/world
   memreason world ablate --out runs/world-small world.n_people=12 reason_steps=20 arms=tokens,direct
   memreason world ablate --config configs/world/ablate.yaml --out runs/world
+  memreason world repair --config configs/world/ablate.yaml --out runs/world
+  memreason world repair --out runs/world-small world.n_people=12 repair.arms=tokens,plain_cot repair.taus=[0.2,0.5]
 """
 
 
@@ -43,6 +49,18 @@ def register(subparsers) -> None:
                         help="e.g. reason_steps=40 knowledge_steps=120 arms=tokens,s0 model=path/to/model "
                              "world.n_people=24 (see memreason.experiments.world_ablation.AblateConfig)")
     ablate.set_defaults(func=run_ablate)
+    repair = actions.add_parser("repair", help="repair benchmark on the ablation's arms (runs the ablation first "
+                                "when it is not finished)", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    repair.add_argument("--out", default="runs/world", help="the ablation's output directory (default runs/world); "
+                        "the benchmark goes to OUT/repair; re-runs resume")
+    repair.add_argument("--config", default=None, metavar="FILE", help="the ablation's YAML settings")
+    repair.add_argument("--no-progress", action="store_true", help="no training progress bars")
+    repair.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="ablation keys as for ablate, and repair.<key>=... for the benchmark (arms, splits, "
+                             "layers, taus, tau_mode, encoder, dev_questions, coverage, batch_size, bootstrap, seed; "
+                             "see memreason.experiments.world_repair.WorldRepairConfig)")
+    repair.set_defaults(func=run_repair)
 
 
 def run_generate(args) -> int:
@@ -118,4 +136,54 @@ def run_ablate(args) -> int:
     print(f"\nwall time of this call {minutes:.1f} min; all stages, resumed calls included: "
           f"{summary['total_seconds'] / 60:.1f} min")
     print(f"table: {Path(args.out) / 'ablation.csv'}\nsummary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def _ci(low, high) -> str:
+    return "—" if low is None else f"[{low:.3f}, {high:.3f}]"
+
+
+def format_repair(summary: dict) -> str:
+    """The repair benchmark's tables, as printed by ``world repair``."""
+    from memreason.cli._render import format_table
+
+    headers = ["arm", "split", "method", "kind", "measures", "n", "rate", "95% CI", "new unparseable", "p vs regen"]
+    rows = [[r["arm"], r["split"], r["method"], r["kind"], r["measures"], str(r["n"]),
+             f"{r['count']}/{r['n']}" + (f" = {r['rate']:.3f}" if r["rate"] is not None else ""),
+             _ci(r["ci95_low"], r["ci95_high"]), str(r["new_unparseable"]),
+             "—" if r["vs_regenerate_p"] is None else f"{r['vs_regenerate_p']:.3f}"] for r in summary["rows"]]
+    lines = [format_table(headers, rows), ""]
+    confidence_rows, coverage_rows = [], []
+    for arm, result in summary["arms"].items():
+        sweep = result["sweep"]
+        chosen = sweep["chosen"]
+        lines.append(f"{arm}: injection layer {chosen['layer']}, tau {chosen['tau']} (chosen on {sweep['n']} dev "
+                     f"rows of {sweep.get('dev_questions', '?')} dev questions)")
+        for split, entry in result["splits"].items():
+            for key, a in entry["auroc"].items():
+                confidence_rows.append([arm, split, key, _fmt(a["auroc"]), _ci(*a["ci95"]), str(a["n_positive"]),
+                                        str(a["n_negative"])])
+            coverage_rows.append([arm, split] + [
+                "—" if c["accuracy"] is None else f"{c['accuracy']:.2f} ({c['answered']})" for c in entry["coverage"]])
+    levels = next((entry["coverage"] for result in summary["arms"].values() for entry in result["splits"].values()), [])
+    lines += ["", "step confidence finding false recalls (AUROC of low confidence for false; answers resampled):",
+              format_table(["arm", "split", "log-prob", "AUROC", "95% CI", "false recalls", "true recalls"],
+                           confidence_rows),
+              "", "accuracy (answered) when the answers whose least confident memory step is lowest abstain:",
+              format_table(["arm", "split"] + [f"cover {c['coverage']:.0%}" for c in levels], coverage_rows)]
+    return "\n".join(lines)
+
+
+def run_repair(args) -> int:
+    from pathlib import Path
+
+    from memreason.experiments.world_repair import load_world_repair, run_world_repair
+
+    ablation, cfg = load_world_repair(args.config, args.overrides)
+    summary = run_world_repair(ablation, cfg, args.out, progress=not args.no_progress,
+                               on_stage=lambda message: print(f"→ {message}", flush=True))
+    print()
+    print(format_repair(summary))
+    print(f"\nwall time of the benchmark in this call {summary['seconds'] / 60:.1f} min")
+    print(f"table: {Path(args.out) / 'repair' / 'table.csv'}\nsummary: {Path(args.out) / 'repair' / 'summary.json'}")
     return 0

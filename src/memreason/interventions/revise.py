@@ -119,15 +119,23 @@ def _new_output_text(result: Result, edit: Edit, scheme: TokenScheme) -> tuple[s
         raise ConfigError(f"cannot write the new step: {exc}") from None
 
 
-def _forced_ids(tokenizer, original: Sequence[int], text: str) -> list[int]:
+def _forced_ids(tokenizer, original: Sequence[int], text: str, edit_start: int = 0) -> list[int]:
     """Token ids of ``text``: the longest run of ``original`` ids decoding to a prefix of it, then the rest
-    tokenised afresh."""
+    tokenised afresh.
+
+    A kept token may only reach into the edited part (from ``edit_start`` on) when it covers the text to
+    its end: an old token that merely matches the first characters of a new step (a lone space, the first
+    syllable of a name) would give the new text a tokenisation the model never writes.
+    """
     kept, decoded = 0, ""
     for k in range(1, len(original) + 1):
         piece = tokenizer.decode(original[:k], skip_special_tokens=True)
         if not text.startswith(piece):
             break
         kept, decoded = k, piece
+    while kept and edit_start < len(decoded) < len(text):
+        kept -= 1
+        decoded = tokenizer.decode(original[:kept], skip_special_tokens=True)
     rest = text[len(decoded):]
     tail = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
     return list(original[:kept]) + list(tail)
@@ -209,7 +217,7 @@ def revise_batch(model, tokenizer, task: Task, scheme: TokenScheme, items: Seque
         if original is None:
             retokenised += 1
             original = tokenizer(result.raw, add_special_tokens=False)["input_ids"]
-        forced = _forced_ids(tokenizer, original, text)
+        forced = _forced_ids(tokenizer, original, text, step_spans(result.raw)[index].start)
         sequences.append(encode_prompts(tokenizer, [result.prompt])[0] + forced)
         plans.append((result, edit, index, old, new, forced))
     if retokenised:
