@@ -93,4 +93,4 @@ def test_tiny_ablation_runs_every_stage_resumes_and_refuses_a_changed_config(tmp
     assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
 
     assert cli_main(["world", "ablate", "--out", str(out), *overrides, "reason_steps=3"]) == 2
-    assert "different config (reason_steps differ)" in capsys.readouterr().err
+    assert "different settings (reason_steps differ)" in capsys.readouterr().err

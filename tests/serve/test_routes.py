@@ -240,6 +240,7 @@ def test_completion_errors_are_openai_shaped(server, client):
 def test_lm_evaluation_harness_local_completions_gets_the_same_text(server, client, tiny_dir):
     """lm-eval's own client (when installed; it is not a dependency): text and tokenized requests alike."""
     pytest.importorskip("lm_eval.models.openai_completions")
+    pytest.importorskip("tenacity")  # lm-eval's [api] extra
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
