@@ -367,6 +367,9 @@ def main(argv=None) -> int:
     print()
     for line in summary(results, peak, device_name, sizes["decode"]):
         print(line)
+    if any(v > 1 for figures in results.values() for k, v in figures.items() if "mfu" in k):
+        print("WARNING: an MFU above 100% means the measured peak is too low (GEMM sizes too small for this "
+              "device, as in --dry-run, or a busy device); those MFU figures are not meaningful")
     if failures:
         print(f"{failures} part(s) failed (see FAILED lines above)")
     return 1 if failures else 0
