@@ -89,3 +89,50 @@ def test_row_stopper_reports_eos(tiny_tokenizer):
     stopper = _RowStopper(tiny_tokenizer, 1, 2, {eos}, stop_at_answer=True)
     done = stopper(torch.tensor([[5, eos], [5, 6]]), None)
     assert done.tolist() == [True, False] and stopper.reasons[0] == "eos" and stopper.lengths[0] == 1
+
+
+def _hf_generate(model, tokenizer, batch, max_new_tokens, stop):
+    """The reference: transformers' generate() with the same stop rule and log-prob recorder."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from memreason.generate import _TokenLogprobs
+
+    width = batch["input_ids"].shape[1]
+    stopper = _RowStopper(tokenizer, width, batch["input_ids"].shape[0], stop, stop_at_answer=True)
+    recorder = _TokenLogprobs()
+    with torch.no_grad():
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                                eos_token_id=sorted(stop), stopping_criteria=StoppingCriteriaList([stopper]),
+                                logits_processor=LogitsProcessorList([recorder]), temperature=None, top_p=None,
+                                top_k=None)
+    logprobs = recorder.finish(output)
+    rows = []
+    for r in range(output.shape[0]):
+        length = stopper.lengths[r] if stopper.done[r] else output.shape[1] - width
+        rows.append((output[r, width:width + length].tolist(), stopper.reasons[r], logprobs[r][:length]))
+    return rows
+
+
+def test_pruned_greedy_decoding_equals_generate_while_rows_stop_at_different_steps(tiny_model, tiny_tokenizer):
+    from memreason.generate import _greedy_pruned, encode_prompts, left_pad
+
+    batch = left_pad(encode_prompts(tiny_tokenizer, PROMPTS), 0)
+    free = _hf_generate(tiny_model, tiny_tokenizer, batch, 16, {-1})
+    # stop on tokens two rows emit mid-way, so rows leave the batch at different steps and others run to the cap
+    stop = {free[0][0][3], free[2][0][9]}
+    want = _hf_generate(tiny_model, tiny_tokenizer, batch, 16, stop)
+    with torch.no_grad():
+        got = _greedy_pruned(tiny_model, tiny_tokenizer, batch, 16, stop, True, logprobs=True)
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    assert len({len(g[0]) for g in got}) >= 2 and {"eos", "length"} <= {g[1] for g in got}
+    for (_, _, ours), (_, _, theirs) in zip(got, want):
+        assert torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=1e-5)
+
+
+def test_a_generation_config_that_processes_logits_decodes_through_generate(tiny_model, tiny_tokenizer, monkeypatch):
+    import memreason.generate as generate
+
+    monkeypatch.setattr(tiny_model.generation_config, "repetition_penalty", 1.3)
+    monkeypatch.setattr(generate, "_greedy_pruned", None)  # would raise if called
+    out = generate_texts(tiny_model, tiny_tokenizer, PROMPTS[:2], max_new_tokens=4)
+    assert len(out) == 2 and all(g.n_tokens <= 4 for g in out)

@@ -8,7 +8,8 @@
 * ``continuation_logprobs``: summed log-probability of continuations after contexts (right padded).
 
 Prompts are sorted by length and generated in left-padded batches (greedy unless sampling is asked for,
-and then seeded). A row stops at EOS or when the text after its first complete ``The answer is:`` line
+and then seeded through ``generate``). Greedy batches drop each finished row from the batch and its KV cache,
+so a batch costs what its rows still writing cost, not its longest row times its size. A row stops at EOS or when the text after its first complete ``The answer is:`` line
 ends in a newline — the original generated up to 512 more tokens per question after the answer
 (spec disentangle.md §10.3). Generated text is decoded with special tokens skipped; the control tokens
 are ordinary added tokens, so they stay visible.
@@ -172,8 +173,17 @@ def _newline_token_ids(tokenizer) -> frozenset[int]:
     return cached[1]
 
 
+def _stop_reason(tokenizer, generated, token: int, eos: set[int], newline_ids: frozenset[int]) -> str | None:
+    """Why a row stops after ``token`` (the last of ``generated``): ``"eos"``, ``"answer"`` or None."""
+    if token in eos:
+        return "eos"
+    if token in newline_ids and answer_complete(tokenizer.decode(generated, skip_special_tokens=True)):
+        return "answer"
+    return None
+
+
 class _RowStopper:
-    """A ``StoppingCriteria`` returning one bool per row: EOS or a complete answer line."""
+    """A ``StoppingCriteria`` returning one bool per row: EOS or a complete answer line (the sampling path)."""
 
     def __init__(self, tokenizer, prompt_len: int, batch: int, eos_ids: set[int], stop_at_answer: bool):
         import torch
@@ -191,13 +201,8 @@ class _RowStopper:
         for row, token in enumerate(last):
             if self.done[row]:
                 continue
-            reason = None
-            if token in self.eos_ids:
-                reason = "eos"
-            elif token in self.newline_ids:
-                text = self.tokenizer.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
-                if answer_complete(text):
-                    reason = "answer"
+            reason = _stop_reason(self.tokenizer, input_ids[row, self.prompt_len:], token, self.eos_ids,
+                                  self.newline_ids)
             if reason:
                 self.done[row] = True
                 self.lengths[row], self.reasons[row] = generated, reason
@@ -237,6 +242,76 @@ class _TokenLogprobs:
         if not self.steps:
             return [[] for _ in range(output.shape[0])]
         return torch.stack(self.steps, dim=1).tolist()  # [batch, steps]
+
+
+# generation_config settings that change greedy decoding; a model that sets one decodes through generate()
+_PROCESSING = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+               "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+               "forced_bos_token_id": None, "forced_eos_token_id": None, "min_length": 0, "min_new_tokens": None,
+               "renormalize_logits": False, "exponential_decay_length_penalty": None}
+
+
+def _plain_greedy(model) -> bool:
+    """Whether greedy decoding of this model is argmax of its raw logits (no processor from its generation_config)."""
+    config = getattr(model, "generation_config", None)
+    return config is None or all(getattr(config, k, v) in (v, None) for k, v in _PROCESSING.items())
+
+
+def _greedy_pruned(model, tokenizer, batch: dict, max_new_tokens: int, stop: set[int], stop_at_answer: bool,
+                   logprobs: bool) -> list[tuple[list[int], str, list[float] | None]]:
+    """Greedy decoding of one left-padded batch that drops each row from the batch (and its KV cache) as soon as
+    it stops, so the rows still writing stop paying for the finished ones.
+
+    The same tokens as ``generate(do_sample=False)`` with the same stop rule (the same forward per row, fewer
+    rows in it), and each chosen token's log-probability from the same logits. Returns, per row in batch
+    order, its generated ids (the stop token included), why it stopped, and the log-probabilities.
+    """
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    newline_ids = _newline_token_ids(tokenizer) if stop_at_answer else frozenset()
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    n = input_ids.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    scores: list[list[float]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    alive = list(range(n))  # batch row -> original row
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    cache = DynamicCache(config=getattr(base, "config", None))
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, **keep_last)
+    position = positions[:, -1:]
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        chosen = logits.argmax(-1)
+        chosen_lp = torch.log_softmax(logits, -1).gather(-1, chosen[:, None])[:, 0].tolist() if logprobs else None
+        keep = []
+        for b, token in enumerate(chosen.tolist()):
+            row = alive[b]
+            tokens[row].append(token)
+            if chosen_lp is not None:
+                scores[row].append(chosen_lp[b])
+            reason = _stop_reason(tokenizer, tokens[row], token, stop, newline_ids)
+            if reason:
+                reasons[row] = reason
+            else:
+                keep.append(b)
+        if not keep or len(tokens[alive[keep[0]]]) >= max_new_tokens:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, device=chosen.device)
+            cache.batch_select_indices(index)
+            chosen, mask, position = chosen[index], mask[index], position[index]
+            alive = [alive[b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        position = position + 1
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position, past_key_values=cache,
+                    use_cache=True)
+    return [(tokens[r], reasons[r], scores[r] if logprobs else None) for r in range(n)]
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], **kwargs) -> list[Generation]:
@@ -281,6 +356,17 @@ def generate_ids(model, tokenizer, sequences: Sequence[Sequence[int]], *, max_ne
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = left_pad([encoded[i] for i in rows], pad, device)
+            if not do_sample and _plain_greedy(model):
+                with torch.no_grad():
+                    decoded = _greedy_pruned(model, tokenizer, batch, max_new_tokens, stop_ids, stop_at_answer,
+                                             logprobs)
+                for i, (ids, reason, scores) in zip(rows, decoded):
+                    results[i] = Generation(text=tokenizer.decode(ids, skip_special_tokens=True), n_tokens=len(ids),
+                                            stopped=reason, ids=tuple(ids),
+                                            logprobs=tuple(scores) if scores is not None else None)
+                if progress:
+                    progress(len(rows))
+                continue
             width = batch["input_ids"].shape[1]
             stopper = _RowStopper(tokenizer, width, len(rows), stop_ids, stop_at_answer)
             recorder = _TokenLogprobs() if logprobs else None

@@ -86,3 +86,5 @@ def test_training_logs_one_readable_line_per_log_event_above_the_progress_bar(tm
     assert all("  lr " in v and "  grad-norm " in v for v in steps)
     assert sum("val-accuracy" in v for v in visible) == 1 and sum("  done" in v for v in visible) == 1
     assert "| 3/3 [" in result.stderr  # the training progress bar was drawn
+    # no dependency bars: neither transformers' "Loading weights" nor the nested validation bar (its ESC[A)
+    assert "Loading weights" not in result.stderr and "\x1b[A" not in result.stderr

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -94,3 +100,54 @@ def test_tiny_ablation_runs_every_stage_resumes_and_refuses_a_changed_config(tmp
 
     assert cli_main(["world", "ablate", "--out", str(out), *overrides, "reason_steps=3"]) == 2
     assert "different settings (reason_steps differ)" in capsys.readouterr().err
+
+
+def _ablate_command(out, overrides):
+    return [sys.executable, "-m", "memreason.cli", "world", "ablate", "--out", str(out), "--no-progress", *overrides]
+
+
+def _outputs(out):
+    summary = json.loads((out / "summary.json").read_text())
+    results = {str(p.relative_to(out)): sorted(p.read_text().splitlines()) for p in out.glob("arms/*/*/results.jsonl")}
+    return {k: summary[k] for k in ("rows", "counts", "cloze", "world")}, results
+
+
+def test_kill_9_at_random_points_then_rerun_reaches_the_same_table(tmp_path):
+    """Two kill -9 at seeded random times (each from its own process's start) of one ablation, then a rerun: the table, the cloze scores and every arm's
+    results (one row per question, none duplicated) equal an uninterrupted run's."""
+    model_dir = tmp_path / "tiny"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    overrides = TINY + [f"model={model_dir}"]
+    # reference and resumed runs in processes of their own with the same thread count: bit-identical training
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    started = time.perf_counter()
+    reference = subprocess.run(_ablate_command(tmp_path / "reference", overrides), env=env, capture_output=True,
+                               text=True, timeout=600)
+    duration = time.perf_counter() - started
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    rng = random.Random(16)
+    out = tmp_path / "killed"
+    # the second run resumes with more than half the work left, so both kills land before the end
+    kill_times = [rng.uniform(0.25, 0.5) * duration, rng.uniform(0.1, 0.4) * duration]
+    for at in kill_times:
+        proc = subprocess.Popen(_ablate_command(out, overrides), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=at)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"the run ended before its kill at {at:.1f} s of {duration:.1f} s"
+    final = subprocess.run(_ablate_command(out, overrides), env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-2000:]
+
+    got, want = _outputs(out), _outputs(tmp_path / "reference")
+    assert got[0] == want[0], f"killed at {[round(t, 1) for t in kill_times]} s"
+    assert got[1] == want[1]
+    for rows in got[1].values():
+        ids = [json.loads(line)["id"] for line in rows]
+        assert len(ids) == len(set(ids))

@@ -71,6 +71,18 @@ def configure_console(verbose: bool = False) -> None:
         for category in (FutureWarning, DeprecationWarning, UserWarning):
             for name in _DEPENDENCIES:
                 warnings.filterwarnings("ignore", category=category, module=rf"{name}(\.|$)")
+        _no_loading_bars()
+
+
+def _no_loading_bars() -> None:
+    """Hide transformers' own bars ("Loading weights" at every model load) but keep the hub's download bars."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_bars = not are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # also turns the hub's off ...
+    if hub_bars:
+        enable_progress_bars()  # ... so they come back unless the user had disabled them
 
 
 def build_parser() -> argparse.ArgumentParser:

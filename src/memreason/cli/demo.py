@@ -46,16 +46,15 @@ def _bars():
     from tqdm import tqdm
 
     def progress(name: str):
-        bar = tqdm(total=0, desc=name, unit="q")
+        bars = []  # opened once the number of questions is known, after the model has loaded
 
         def start(total: int) -> None:
-            bar.total = total
-            bar.refresh()
+            bars.append(tqdm(total=total, desc=name, unit="q"))
 
         def update(n: int) -> None:
-            bar.update(n)
-            if bar.total and bar.n >= bar.total:
-                bar.close()
+            bars[-1].update(n)
+            if bars[-1].n >= bars[-1].total:
+                bars[-1].close()
         return start, update
     return progress
 

@@ -31,9 +31,15 @@ logger = logging.getLogger("memreason.train")
 
 class BarOnlyProgress(ProgressCallback):
     """transformers' progress bar without its ``on_log``, which writes each log as a raw dict
-    (``{'loss': '2.478', 'grad_norm': ...}``) between bar updates; ``LogLines`` reports logs instead."""
+    (``{'loss': '2.478', 'grad_norm': ...}``) between bar updates (``LogLines`` reports logs instead), and
+    without the nested validation bar."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        # a second bar under the training bar for the validation loss (usually one batch): its cursor-up
+        # escapes garble logs and non-terminal output; the validation lines say what it measured
         return None
 
 
