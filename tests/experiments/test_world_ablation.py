@@ -108,7 +108,10 @@ def _ablate_command(out, overrides):
 
 def _outputs(out):
     summary = json.loads((out / "summary.json").read_text())
-    results = {str(p.relative_to(out)): sorted(p.read_text().splitlines()) for p in out.glob("arms/*/*/results.jsonl")}
+    # a row's config digest covers the run's path, which differs between the two output directories
+    results = {str(p.relative_to(out)): sorted(json.dumps({k: v for k, v in json.loads(line).items() if k != "config"})
+                                               for line in p.read_text().splitlines())
+               for p in out.glob("arms/*/*/results.jsonl")}
     return {k: summary[k] for k in ("rows", "counts", "cloze", "world")}, results
 
 
