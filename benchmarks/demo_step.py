@@ -85,6 +85,8 @@ class DemoStep:
         amp: the autocast dtype (default: the model's own when it is bf16/fp16, else none); give
             ``torch.bfloat16`` for an fp32 model trained with bf16 autocast (``mode=full`` on a GPU keeps fp32
             master weights, as the recipe does).
+        sparse_tokens (bool, default True): the recipe's exact sparse forward for the token rows; False keeps
+            PEFT's per-forward rebuild of the whole matrix (what ``profile_train_step.py`` dissects).
 
     Attributes:
         cfg: the resolved demo ``TrainConfig``; model: the PEFT-wrapped model; trainer: the RecipeTrainer;
@@ -92,7 +94,7 @@ class DemoStep:
     """
 
     def __init__(self, model, tokenizer, *, run_dir: str | Path, overrides: Sequence[str] = (),
-                 examples: int | None = None, amp=None):
+                 examples: int | None = None, amp=None, sparse_tokens: bool = True):
         import torch
 
         from memreason.data import load_traces
@@ -130,6 +132,10 @@ class DemoStep:
         torch.manual_seed(cfg.seed)
         self.model = wrap_model(model, cfg.mode, token_ids, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                                 cfg.lora.target)
+        if sparse_tokens:  # as the recipe trains (memreason.train.sparse_tokens); False = PEFT's own rebuild
+            from memreason.train.sparse_tokens import sparse_token_rows
+
+            sparse_token_rows(self.model)
         self.model.config.use_cache = False
         args = training_arguments(cfg, Path(run_dir), progress=False)
         self.trainer = RecipeTrainer(

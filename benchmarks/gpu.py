@@ -266,8 +266,8 @@ def part_train(model, tokenizer, device: str, examples: int, tmp: Path) -> dict:
     make_model.pad_id = tokenizer.pad_token_id
     torch.manual_seed(0)
     initial = make_model().state_dict()
-    arms = {"official": dict(batch_size=1, grad_accum=16, pad_to=max_len, group=False),
-            "ours": dict(batch_size=8, grad_accum=2, pad_to=None, group=True)}
+    arms = {"official": dict(batch_size=1, grad_accum=16, pad_to=max_len, group=False, sparse=False),
+            "ours": dict(batch_size=8, grad_accum=2, pad_to=None, group=True, sparse=True)}
     results = {}
     for arm, kwargs in arms.items():
         results[arm] = run_arm(arm, initial, make_model, train_rows, eval_rows, lr=1e-3, seed=0, device=device,

@@ -21,7 +21,8 @@ LoRA, no new token rows, so no trainable-token path) on the same batch: the rati
 bound on what an exact sparse replacement of the token path could save. The grouped share counts only the
 ops that can be attributed to the token path by range, autograd node or shape (a zeroing or an elementwise op
 it triggers elsewhere lands in "other"), so it is a lower bound; the lora ratio is the direct measure (on the
-``--quick`` model: 7% grouped vs 1.22x).
+``--quick`` model: 7% grouped vs 1.22x). Last, the same step with memreason's exact sparse replacement
+(``memreason.train.sparse_tokens``, what the recipe trains with) is timed on the same batch.
 
     .venv/bin/python benchmarks/profile_train_step.py              # SmolLM2, torch's default threads
     .venv/bin/python benchmarks/profile_train_step.py --quick      # tiny random model, seconds
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="memreason-profile-") as tmp:
         model, tokenizer = load_model(args.model, args.quick)
         hidden = model.config.hidden_size
-        step = DemoStep(model, tokenizer, run_dir=Path(tmp) / "ours", examples=examples)
+        step = DemoStep(model, tokenizer, run_dir=Path(tmp) / "ours", examples=examples, sparse_tokens=False)
         vocab = step.model.get_input_embeddings().weight.shape[0]
         print(machine_line(step.device))
         print(f"demo recipe step: mode {step.mode}, batch {step.batch_size}, {len(step.rows)} examples, "
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
         groups, ops, wall = profile_step(step, vocab, hidden, args.trace)  # batch `warmup + 1`
         shape = tuple(step.last_batch["input_ids"].shape)
         real = int(step.last_batch["attention_mask"].sum())
-        baseline = None
+        baseline = sparse = None
         if not args.no_baseline:
             # mode=lora (no new token rows) on a fresh copy of the model; same seed and sampler, so after
             # the same number of warm-up steps it draws the batch ours was timed on without the profiler
@@ -177,6 +178,12 @@ def main(argv=None) -> int:
                             examples=examples)
             seconds, batch = lora.timed_steps(1, warmup=args.warmup)[0]
             baseline = (seconds, tuple(batch["input_ids"].shape) == plain_shape)
+            # what replaced the token path: the recipe's exact sparse forward, same step and batch
+            del lora
+            model, tokenizer = load_model(args.model, args.quick)
+            ours = DemoStep(model, tokenizer, run_dir=Path(tmp) / "sparse", examples=examples, sparse_tokens=True)
+            seconds, batch = ours.timed_steps(1, warmup=args.warmup)[0]
+            sparse = (seconds, tuple(batch["input_ids"].shape) == plain_shape)
 
     total = sum(groups.values())
     print(f"profiled step: batch {shape} ({real} real tokens), wall {wall:.2f} s under the profiler; "
@@ -195,6 +202,10 @@ def main(argv=None) -> int:
         print(f"baseline: the same step in mode=lora (LoRA only, no token rows) on batch {plain_shape}"
               f"{'' if same else ' [a different batch: compare with care]'}: {seconds:.2f} s; "
               f"lora+tokens / lora = {plain / seconds:.2f}x (both unprofiled, same batch)")
+    if sparse:
+        seconds, same = sparse
+        print(f"memreason's sparse token path (train.sparse_tokens) on the same step{'' if same else ' [other batch]'}: "
+              f"{seconds:.2f} s; PEFT's path / sparse = {plain / seconds:.2f}x")
     return 0
 
 

@@ -7,8 +7,9 @@ optimiser steps with the same effective batch of 16 examples and the same learni
 - official-style: batch size 1, gradient accumulation 16, every example padded to the maximum length
   (the issue's baseline; ``--official-padding none`` feeds each example unpadded, which is what the
   original's collator does at batch size 1, spec disentangle.md §4.3/§10.3);
-- ours: length-grouped batches of 8 padded only to their longest row, gradient accumulation 2
-  (``memreason.train``: ``data.LengthGroupedSampler``, ``trainer.RecipeTrainer``).
+- ours: length-grouped batches of 8 padded only to their longest row, gradient accumulation 2, and the
+  exact sparse forward for the new token rows (``memreason.train``: ``data.LengthGroupedSampler``,
+  ``trainer.RecipeTrainer``, ``sparse_tokens``; ``--peft-token-path`` leaves PEFT's rebuild in).
 
 Throughput counts target tokens (the tokens the loss is computed on) per second of training. Quality is
 checked on the same held-out examples afterwards: the two arms should reach about the same loss ("equal
@@ -83,7 +84,7 @@ def _held_out_loss(model, rows, collator, device) -> float:
 
 
 def run_arm(name, base_state, make_model, train_rows, eval_rows, *, batch_size, grad_accum, pad_to, group,
-            lr, seed, device, out_dir):
+            sparse, lr, seed, device, out_dir):
     """Train one arm from the same initial weights; return its measurements."""
     import torch
     from transformers import TrainingArguments, set_seed
@@ -94,6 +95,10 @@ def run_arm(name, base_state, make_model, train_rows, eval_rows, *, batch_size, 
     set_seed(seed)
     model = make_model()
     model.load_state_dict(base_state)  # identical starting point for both arms
+    if sparse:  # what the recipe does after wrapping: train.sparse_tokens (exact, tested against PEFT's path)
+        from memreason.train.sparse_tokens import sparse_token_rows
+
+        sparse_token_rows(model)
     collator = PadCollator(make_model.pad_id, pad_to=pad_to)
     args = TrainingArguments(
         output_dir=str(out_dir / name), per_device_train_batch_size=batch_size,
@@ -136,6 +141,8 @@ def main() -> None:
                         help="pad the official-style rows to the longest example (max, the issue's baseline) or "
                              "not at all (none: what the original's collator does at batch size 1)")
     parser.add_argument("--out", default="/tmp/memreason-train-throughput")
+    parser.add_argument("--peft-token-path", action="store_true",
+                        help="ours without the sparse token-row forward (PEFT's rebuild, as before)")
     args = parser.parse_args()
 
     import torch
@@ -175,9 +182,10 @@ def main() -> None:
     padded = args.official_padding == "max"
     arms = {
         f"official-style (bs 1 x accum 16, {'padded to max length' if padded else 'unpadded'})":
-            dict(batch_size=1, grad_accum=16, pad_to=max_len if padded else None, group=False),
+            dict(batch_size=1, grad_accum=16, pad_to=max_len if padded else None, group=False, sparse=False),
         f"memreason (length-grouped bs {args.batch_size} x accum {16 // args.batch_size})":
-            dict(batch_size=args.batch_size, grad_accum=16 // args.batch_size, pad_to=None, group=True),
+            dict(batch_size=args.batch_size, grad_accum=16 // args.batch_size, pad_to=None, group=True,
+                 sparse=not args.peft_token_path),
     }
     if 16 % args.batch_size:
         raise SystemExit("--batch-size must divide 16 (the effective batch of both arms)")

@@ -53,6 +53,7 @@ from memreason.model.tokens import format_target
 from memreason.train.data import (ListDataset, PadCollator, allocate_markers_randomly, prepare_example,
                                   prepare_examples, split_validation)
 from memreason.traces import Trace
+from memreason.train.sparse_tokens import sparse_token_rows
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class TrainRecipe:
 
         set_seed(cfg.seed)  # LoRA's random A matrices start from the same state whatever loading consumed
         model = wrap_model(model, cfg.mode, token_ids, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target)
+        sparse_token_rows(model)  # the same values without rebuilding [vocab, hidden] every forward (exact)
         model.config.use_cache = False  # no KV cache during training forwards (generation turns it on per call)
         base_model = self._base_model_name()
         if hasattr(model, "peft_config"):  # what PEFT's auto classes load the adapter onto
