@@ -322,7 +322,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], **kwargs) -> list[G
 def generate_ids(model, tokenizer, sequences: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                  batch_size: int = 16, stop_at_answer: bool = True, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, logprobs: bool = False,
-                 progress: Callable[[int], None] | None = None) -> list[Generation]:
+                 prune: bool = True, progress: Callable[[int], None] | None = None) -> list[Generation]:
     """Generate one continuation per token-id prompt, in the given order.
 
     Args:
@@ -334,6 +334,8 @@ def generate_ids(model, tokenizer, sequences: Sequence[Sequence[int]], *, max_ne
         stop_at_answer (bool, default True): stop a row once its answer line is complete.
         do_sample / temperature / top_p / seed: sampling only on request; the seed is set before each batch.
         logprobs (bool, default False): also record each generated token's log-probability.
+        prune (bool, default True): greedy batches drop finished rows as they go; False keeps every row in
+            the batch to the end (for hooks that hold one vector per batch row). The tokens are the same.
         progress: called with the number of prompts finished after each batch.
 
     Returns:
@@ -356,7 +358,7 @@ def generate_ids(model, tokenizer, sequences: Sequence[Sequence[int]], *, max_ne
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = left_pad([encoded[i] for i in rows], pad, device)
-            if not do_sample and _plain_greedy(model):
+            if prune and not do_sample and _plain_greedy(model):
                 with torch.no_grad():
                     decoded = _greedy_pruned(model, tokenizer, batch, max_new_tokens, stop_ids, stop_at_answer,
                                              logprobs)

@@ -128,3 +128,18 @@ def test_a_replaced_step_that_shares_its_first_characters_with_the_old_one_is_to
     edited = revise(model, tokenizer, TASK, scheme, result, Edit(0, text=new.text), max_new_tokens=80)
     fresh = tokenizer(format_step(new, scheme) + "\n", add_special_tokens=False)["input_ids"]
     assert list(edited.token_ids[:len(fresh)]) == fresh
+
+
+def test_batched_injection_with_one_memory_per_row_equals_one_row_at_a_time(compact):
+    (model, tokenizer, scheme, _), results = compact
+    edits = [(r, Edit(0, text="Water is wet.", kind="memory")) for r in results]
+    memories = [f"{name} is in France." for name in ("Paris", "Lyon", "Nice", "Lille", "Brest")][:len(edits)]
+    injection = Injection(layer=1, tau=3.0, tau_mode="absolute")
+    batched = revise_batch(model, tokenizer, TASK, scheme, edits, max_new_tokens=80, batch_size=2,
+                           injection=injection, memories=memories)
+    single = [revise_batch(model, tokenizer, TASK, scheme, [(r, e)], max_new_tokens=80, batch_size=1,
+                           injection=injection, memories=[m])[0] for (r, e), m in zip(edits, memories)]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert [r.extra["revision"]["injection"]["memory"] for r in batched] == memories
+    plain = revise_batch(model, tokenizer, TASK, scheme, edits, max_new_tokens=80)
+    assert [r.token_ids for r in batched] != [r.token_ids for r in plain]  # the vectors did something

@@ -409,11 +409,9 @@ def sweep_injection(model, tokenizer, task, scheme, plans: Sequence[Plan], *, la
             revised = revise_batch(model, tokenizer, task, scheme, pairs, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size)
         else:
-            revised = []
-            for plan, pair in zip(todo, pairs):  # one memory per row
-                injection = Injection(layer, tau, memory(plan) if memory else None, encoder, tau_mode)
-                revised += revise_batch(model, tokenizer, task, scheme, [pair], max_new_tokens=max_new_tokens,
-                                        batch_size=1, injection=injection)
+            revised = revise_batch(model, tokenizer, task, scheme, pairs, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, injection=Injection(layer, tau, None, encoder, tau_mode),
+                                   memories=[memory(p) for p in todo] if memory else None)
         fixed = sum(p.row.outcome != CORRECT and r.outcome == CORRECT for p, r in zip(todo, revised))
         broke = sum(p.row.outcome == CORRECT and r.outcome != CORRECT for p, r in zip(todo, revised))
         cells.append({"layer": layer, "tau": tau, "fixed": fixed, "broke": broke, "n": len(todo),

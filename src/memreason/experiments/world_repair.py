@@ -204,14 +204,10 @@ def _run_method(reasoner, task, scheme, items: list[Item], method: str, path: Pa
     chunk = batch_size * 2
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
-        if method == "inject":  # a different memory per row
-            revised = [r for i in part for r in revise_batch(
-                reasoner.model, reasoner.tokenizer, task, scheme, [(i.row, i.edits[method])],
-                max_new_tokens=max_new_tokens, batch_size=1, injection=dataclasses.replace(injection, memory=i.memory))]
-        else:
-            revised = revise_batch(reasoner.model, reasoner.tokenizer, task, scheme,
-                                   [(i.row, i.edits[method]) for i in part], max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size)
+        revised = revise_batch(reasoner.model, reasoner.tokenizer, task, scheme,
+                               [(i.row, i.edits[method]) for i in part], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, injection=injection if method == "inject" else None,
+                               memories=[i.memory for i in part] if method == "inject" else None)
         append_jsonl(path, [{**r.to_dict(), "bench": {"method": method, "step": i.step}} for i, r in zip(part, revised)])
     order = {i.row.id: k for k, i in enumerate(chosen)}
     rows = [r for r in read_results(path) if r.id in order] if path.exists() else []

@@ -173,20 +173,25 @@ def _generate(model, tokenizer, sequences, memories, injection, max_new_tokens, 
                             logprobs=True)
     from memreason.interventions.memory_injection import add_to_attention_output
 
-    # Per-row vectors need the rows of each generate call to be known: generate one row at a time so the
-    # batch of vectors always matches (exact; injection runs are small).
-    out = []
+    # One vector per row: each generate call gets exactly the rows of one batch, already in the order
+    # generate_ids would put them in (longest first, stable), with rows kept in the batch until it ends
+    # (prune=False) so the vectors stay aligned with the rows.
     deltas = _injection_deltas(model, tokenizer, memories, injection)
-    for row, sequence in enumerate(sequences):
-        with add_to_attention_output(model, {injection.layer: deltas[row]}, "all"):
-            out += generate_ids(model, tokenizer, [sequence], max_new_tokens=max_new_tokens, batch_size=1,
-                                logprobs=True)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    out: list = [None] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        with add_to_attention_output(model, {injection.layer: deltas[rows]}, "all"):
+            made = generate_ids(model, tokenizer, [sequences[i] for i in rows], max_new_tokens=max_new_tokens,
+                                batch_size=len(rows), logprobs=True, prune=False)
+        for i, generation in zip(rows, made):
+            out[i] = generation
     return out
 
 
 def revise_batch(model, tokenizer, task: Task, scheme: TokenScheme, items: Sequence[tuple[Result, Edit]], *,
-                 max_new_tokens: int = 256, batch_size: int = 16, injection: Injection | None = None
-                 ) -> list[Result]:
+                 max_new_tokens: int = 256, batch_size: int = 16, injection: Injection | None = None,
+                 memories: Sequence[str | None] | None = None) -> list[Result]:
     """Apply one edit to each result and let the model continue; the revised rows, in order.
 
     Args:
@@ -197,6 +202,8 @@ def revise_batch(model, tokenizer, task: Task, scheme: TokenScheme, items: Seque
             cap as the evaluation that wrote the row, so an unchanged revision stops where the original did).
         batch_size (int, default 16).
         injection (Injection | None): add a memory vector while continuing (see ``Injection``).
+        memories: with ``injection``, one text per item to inject instead of ``injection.memory`` (None
+            items fall back to it, then to the edited step's text).
 
     Returns:
         list[Result]: each with the same id and prompt, the new raw text, steps, answer and outcome, and
@@ -222,8 +229,11 @@ def revise_batch(model, tokenizer, task: Task, scheme: TokenScheme, items: Seque
         plans.append((result, edit, index, old, new, forced))
     if retokenised:
         logger.warning("%d rows carry no token ids (results schema 1): their text was re-tokenised", retokenised)
-    memories = [(injection.memory or (new.text if new is not None else old.text)) if injection else None
-                for (_, _, _, old, new, _) in plans]
+    given = list(memories) if memories is not None else [None] * len(plans)
+    if len(given) != len(plans):
+        raise ConfigError(f"{len(given)} memories for {len(plans)} rows")
+    memories = [(mine or injection.memory or (new.text if new is not None else old.text)) if injection else None
+                for mine, (_, _, _, old, new, _) in zip(given, plans)]
     budgets = [max(0, max_new_tokens - len(plan[-1])) for plan in plans]
     generations = [Generation("", 0, "length", (), ())] * len(plans)
     todo = [i for i, budget in enumerate(budgets) if budget]
