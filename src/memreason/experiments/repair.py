@@ -416,6 +416,8 @@ def sweep_injection(model, tokenizer, task, scheme, plans: Sequence[Plan], *, la
         broke = sum(p.row.outcome == CORRECT and r.outcome != CORRECT for p, r in zip(todo, revised))
         cells.append({"layer": layer, "tau": tau, "fixed": fixed, "broke": broke, "n": len(todo),
                       "score": fixed - broke})
+        logger.info("injection sweep %s: fixed %d, broke %d of %d dev rows",
+                    "without injection" if layer is None else f"layer {layer} tau {tau:g}", fixed, broke, len(todo))
     best = min(cells, key=lambda c: (-c["score"], c["layer"] is not None, c["tau"], c["layer"] or 0), default=None)
     chosen = None if best is None or best["layer"] is None else {"layer": best["layer"], "tau": best["tau"]}
     return {"cells": cells, "chosen": chosen, "n": len(todo), "tau_mode": tau_mode, "encoder": encoder}
