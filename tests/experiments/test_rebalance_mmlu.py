@@ -464,18 +464,25 @@ def test_generated_length_stops_at_the_first_eos():
             return " ".join(str(int(i)) for i in ids if not (skip_special_tokens and int(i) == 2))
 
     class FakeModel(torch.nn.Module):
+        """Scripted greedy output per row: row 0 writes 5 6 EOS, row 1 writes 5 6 7 8 (to the cap)."""
+
+        script = [[5, 6, 2, 0], [5, 6, 7, 8]]
+
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.zeros(1))
             self.generation_config = type("G", (), {"eos_token_id": [2]})()
+            self.step, self.alive = 0, [0, 1]
 
-        def generate(self, input_ids, attention_mask, max_new_tokens, stopping_criteria, **kwargs):
-            new = torch.tensor([[5, 6, 2, 0], [5, 6, 7, 8]])
-            for step in range(new.shape[1]):  # as transformers does: one token, then ask the criteria
-                input_ids = torch.cat([input_ids, new[:, step:step + 1]], 1)
-                if all(stopping_criteria(input_ids, None)):
-                    break
-            return input_ids
+        def forward(self, input_ids, **kwargs):
+            # the decoder drops a row from the batch once it has written EOS
+            if input_ids.shape[0] < len(self.alive):
+                self.alive = [r for r in self.alive if self.script[r][self.step - 1] != 2]
+            logits = torch.full((input_ids.shape[0], input_ids.shape[1], 10), -1.0)
+            for b, row in enumerate(self.alive):
+                logits[b, -1, self.script[row][self.step]] = 1.0
+            self.step += 1
+            return type("Out", (), {"logits": logits})()
 
     results, rows = rbe._generate(FakeModel(), FakeTokenizer(), ["9 9", "9"], [[9, 9], [9]], max_new_tokens=4)
     assert results == [{"text": "5 6", "n_generated": 3, "hit_cap": False},

@@ -406,8 +406,9 @@ class TrainRecipe:
             plot_training_curves(read_jsonl(self.run_dir / "metrics.jsonl"), self.run_dir / "curves.png")
         except Exception as exc:  # a plotting problem must never lose a finished run
             logger.warning("could not draw curves.png: %s", exc)
+        accuracy = self.info.best.val_accuracy
         logger.info("run complete: %s (best %s, val accuracy %s)", self.run_dir, self.info.best.checkpoint,
-                    self.info.best.val_accuracy)
+                    "n/a" if accuracy is None else f"{accuracy:.3f}")
         return self.run_dir
 
 
