@@ -152,19 +152,10 @@ def memreason_reference(run, questions=QUESTIONS, max_new_tokens=MAX_NEW) -> dic
     from memreason.prompts import render_prompt
 
     mr = memreason.load(run, device="cpu", max_new_tokens=max_new_tokens)
-    captured = []
-    generate = mr.model.generate
-
-    def spy(*args, **kwargs):  # records the ids memreason's own generation produced
-        output = generate(*args, **kwargs)
-        captured.append((kwargs["input_ids"].shape[1], output))
-        return output
-
-    mr.model.generate = spy
     traces = mr.answer_batch(questions, batch_size=1)
-    mr.model.generate = generate
     prompts = [render_prompt(q, mr.task, mr.tokenizer, mr.prompt_style) for q in questions]
-    ids = [out[0, width:width + t.meta["n_tokens"]].tolist() for (width, out), t in zip(captured, traces)]
+    ids = [list(t.meta["token_ids"]) for t in traces]  # the ids memreason's own generation produced
+    assert all(len(i) == t.meta["n_tokens"] for i, t in zip(ids, traces))
     forced = prompts[0] + FORCED_SUFFIX
     with torch.no_grad():
         logits = mr.model(**mr.tokenizer(forced, add_special_tokens=False, return_tensors="pt")).logits[0]
