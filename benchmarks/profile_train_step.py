@@ -204,7 +204,8 @@ def main(argv=None) -> int:
               f"lora+tokens / lora = {plain / seconds:.2f}x (both unprofiled, same batch)")
     if sparse:
         seconds, same = sparse
-        print(f"memreason's sparse token path (train.sparse_tokens) on the same step{'' if same else ' [other batch]'}: "
+        where = "the same step" if same else "another batch"
+        print(f"memreason's sparse token path (train.sparse_tokens) on {where}: "
               f"{seconds:.2f} s; PEFT's path / sparse = {plain / seconds:.2f}x")
     return 0
 

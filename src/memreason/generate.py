@@ -9,7 +9,8 @@
 
 Prompts are sorted by length and generated in left-padded batches (greedy unless sampling is asked for,
 and then seeded through ``generate``). Greedy batches drop each finished row from the batch and its KV cache,
-so a batch costs what its rows still writing cost, not its longest row times its size. A row stops at EOS or when the text after its first complete ``The answer is:`` line
+so a batch costs what its rows still writing cost, not its longest row times its size. A row stops at EOS
+or when the text after its first complete ``The answer is:`` line
 ends in a newline — the original generated up to 512 more tokens per question after the answer
 (spec disentangle.md §10.3). Generated text is decoded with special tokens skipped; the control tokens
 are ordinary added tokens, so they stay visible.
@@ -314,6 +315,35 @@ def _greedy_pruned(model, tokenizer, batch: dict, max_new_tokens: int, stop: set
     return [(tokens[r], reasons[r], scores[r] if logprobs else None) for r in range(n)]
 
 
+def _generate_batch(model, tokenizer, batch: dict, max_new_tokens: int, stop: set[int], stop_at_answer: bool,
+                    logprobs: bool, pad: int, do_sample: bool, temperature: float, top_p: float
+                    ) -> list[tuple[list[int], str, list[float] | None]]:
+    """One left-padded batch through transformers' ``generate`` (sampling, or greedy with a logits processor
+    from the model's generation_config); the same per-row results as ``_greedy_pruned``."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    width = batch["input_ids"].shape[1]
+    stopper = _RowStopper(tokenizer, width, batch["input_ids"].shape[0], stop, stop_at_answer)
+    recorder = _TokenLogprobs() if logprobs else None
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                  eos_token_id=sorted(stop), stopping_criteria=StoppingCriteriaList([stopper]))
+    if recorder is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([recorder])
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+    token_logprobs = recorder.finish(output) if recorder is not None else None
+    rows = []
+    for r in range(output.shape[0]):
+        generated = output[r, width:]
+        length = stopper.lengths[r] if stopper.done[r] else generated.shape[0]
+        rows.append((generated[:length].tolist(), stopper.reasons[r],
+                     token_logprobs[r][:length] if token_logprobs else None))
+    return rows
+
+
 def generate_texts(model, tokenizer, prompts: Sequence[str], **kwargs) -> list[Generation]:
     """Generate one continuation per rendered prompt, in the prompts' order (see ``generate_ids``)."""
     return generate_ids(model, tokenizer, encode_prompts(tokenizer, prompts), **kwargs)
@@ -342,7 +372,6 @@ def generate_ids(model, tokenizer, sequences: Sequence[Sequence[int]], *, max_ne
         list[Generation]
     """
     import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     if not sequences:
         return []
@@ -358,39 +387,19 @@ def generate_ids(model, tokenizer, sequences: Sequence[Sequence[int]], *, max_ne
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = left_pad([encoded[i] for i in rows], pad, device)
-            if prune and not do_sample and _plain_greedy(model):
-                with torch.no_grad():
+            with torch.no_grad():
+                if prune and not do_sample and _plain_greedy(model):
                     decoded = _greedy_pruned(model, tokenizer, batch, max_new_tokens, stop_ids, stop_at_answer,
                                              logprobs)
-                for i, (ids, reason, scores) in zip(rows, decoded):
-                    results[i] = Generation(text=tokenizer.decode(ids, skip_special_tokens=True), n_tokens=len(ids),
-                                            stopped=reason, ids=tuple(ids),
-                                            logprobs=tuple(scores) if scores is not None else None)
-                if progress:
-                    progress(len(rows))
-                continue
-            width = batch["input_ids"].shape[1]
-            stopper = _RowStopper(tokenizer, width, len(rows), stop_ids, stop_at_answer)
-            recorder = _TokenLogprobs() if logprobs else None
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                          eos_token_id=sorted(stop_ids), stopping_criteria=StoppingCriteriaList([stopper]))
-            if recorder is not None:
-                kwargs["logits_processor"] = LogitsProcessorList([recorder])
-            if do_sample:
-                torch.manual_seed(seed + start)
-                kwargs.update(temperature=temperature, top_p=top_p)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
-            with torch.no_grad():
-                output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-            token_logprobs = recorder.finish(output) if recorder is not None else None
-            for r, i in enumerate(rows):
-                generated = output[r, width:]
-                length = stopper.lengths[r] if stopper.done[r] else generated.shape[0]
-                ids = tuple(generated[:length].tolist())
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                results[i] = Generation(text=text, n_tokens=length, stopped=stopper.reasons[r], ids=ids,
-                                        logprobs=tuple(token_logprobs[r][:length]) if token_logprobs else None)
+                else:
+                    if do_sample:
+                        torch.manual_seed(seed + start)
+                    decoded = _generate_batch(model, tokenizer, batch, max_new_tokens, stop_ids, stop_at_answer,
+                                              logprobs, pad, do_sample, temperature, top_p)
+            for i, (ids, reason, scores) in zip(rows, decoded):
+                results[i] = Generation(text=tokenizer.decode(ids, skip_special_tokens=True), n_tokens=len(ids),
+                                        stopped=reason, ids=tuple(ids),
+                                        logprobs=tuple(scores) if scores is not None else None)
             if progress:
                 progress(len(rows))
     finally:

@@ -116,8 +116,9 @@ def _outputs(out):
 
 
 def test_kill_9_at_random_points_then_rerun_reaches_the_same_table(tmp_path):
-    """Two kill -9 at seeded random times (each from its own process's start) of one ablation, then a rerun: the table, the cloze scores and every arm's
-    results (one row per question, none duplicated) equal an uninterrupted run's."""
+    """Two kill -9 at seeded random times (each from its own process's start) of one ablation, then a rerun:
+    the table, the cloze scores and every arm's results (one row per question, none duplicated) equal an
+    uninterrupted run's."""
     model_dir = tmp_path / "tiny"
     tokenizer = build_tiny_tokenizer()
     build_tiny_model(len(tokenizer)).save_pretrained(model_dir)

@@ -208,7 +208,8 @@ def _run_method(reasoner, task, scheme, items: list[Item], method: str, path: Pa
                                [(i.row, i.edits[method]) for i in part], max_new_tokens=max_new_tokens,
                                batch_size=batch_size, injection=injection if method == "inject" else None,
                                memories=[i.memory for i in part] if method == "inject" else None)
-        append_jsonl(path, [{**r.to_dict(), "bench": {"method": method, "step": i.step}} for i, r in zip(part, revised)])
+        append_jsonl(path, [{**r.to_dict(), "bench": {"method": method, "step": i.step}}
+                            for i, r in zip(part, revised)])
     order = {i.row.id: k for k, i in enumerate(chosen)}
     rows = [r for r in read_results(path) if r.id in order] if path.exists() else []
     return sorted(rows, key=lambda r: order[r.id])
